@@ -1,0 +1,60 @@
+"""The ``marginlab`` command: a thin dispatcher over one module per sub-command.
+
+User mistakes (``MarginlabError``) are printed as ``marginlab: error: <one line>`` with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from marginlab import __version__
+from marginlab.errors import MarginlabError
+
+# Sub-commands, each a module in marginlab.commands with ``register(subparsers)``.
+COMMANDS = ["run", "plot"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="marginlab",
+        description="marginlab: margins of classifiers and what they mean for adversarial robustness.",
+    )
+    parser.add_argument("--version", action="version", version=f"marginlab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(f"marginlab.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MarginlabError as e:
+        print(f"marginlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("marginlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``marginlab`` sub-command; each defines ``register(subparsers)``."""

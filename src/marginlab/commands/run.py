@@ -1,0 +1,36 @@
+"""``marginlab run CONFIG [key=value ...]`` and ``marginlab run --resume RUN_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from marginlab.config import load_config
+from marginlab.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an experiment config into a run directory")
+    p.add_argument("config", nargs="?", help="TOML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
+    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--force", action="store_true", help="move an existing run directory aside")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an unfinished run from its checkpoint")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from marginlab.runner import resume_experiment, run_experiment
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume takes the config from the run directory; give no CONFIG")
+        path = resume_experiment(args.resume)
+    else:
+        if not args.config:
+            raise ConfigError("give a CONFIG file (e.g. configs/logreg-quick.toml) or --resume RUN_DIR")
+        raw = load_config(args.config, args.overrides)
+        out = args.out or str(Path("runs") / Path(args.config).stem)
+        path = run_experiment(raw, out, force=args.force)
+    print(f"run finished: {path}")
+    return 0

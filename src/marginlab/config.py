@@ -1,0 +1,165 @@
+"""Configs: TOML files, dotted ``key=value`` overrides, and frozen dataclasses.
+
+An experiment's config is a frozen dataclass (nested dataclasses for sections). ``from_dict`` builds it
+from the parsed TOML, rejecting unknown keys and values of the wrong type with a one-line
+:class:`ConfigError` that names the offending key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from marginlab.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"malformed TOML in {path}: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as TOML (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"s"``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``config`` with dotted ``a.b.c=value`` overrides applied."""
+    out = _deepcopy(config)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = parse_value(value.strip())
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    return apply_overrides(load_toml(path), overrides or [])
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, checking keys and types; nested dataclasses recurse."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config{' ' + where if where else ''}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` (int/float/str/bool, Optional, tuple/list, Literal, dataclass)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key {key!r} has an invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            value = [value]  # a scalar where a list is expected: accept `estimators = "x"`
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a table, got {value!r}")
+        return value
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as a plain dict (tuples become lists), ready for ``config.json``."""
+    from marginlab.fsio import to_jsonable
+
+    return to_jsonable(obj)
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``cond``; for ``__post_init__`` checks."""
+    if not cond:
+        raise ConfigError(message)
+
+
+def check_positive(name: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+    """Validate a hyperparameter: finite and > 0 (or >= 0 with ``allow_zero``)."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    bound = ">= 0" if allow_zero else "> 0"
+    require(ok, f"{name} must be a finite number {bound}, got {value!r}")

@@ -1,0 +1,158 @@
+"""Atomic file output and JSON/JSONL helpers.
+
+Every result file goes through here so that a crash or a kill never leaves a half-written file: data are
+written to a temporary file in the same directory, flushed to disk, then renamed over the target
+(``os.replace`` is atomic on POSIX). JSONL metrics are appended one fsync'd line at a time; a reader
+ignores a torn last line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextmanager
+def _atomic_file(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Yield a temporary file next to ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; some filesystems refuse O_RDONLY fsync on dirs, which is harmless.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with _atomic_file(Path(path), "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with _atomic_file(Path(path), "w") as f:
+        f.write(text)
+
+
+def atomic_write_with(path: str | Path, writer: Callable[[IO[bytes]], None]) -> None:
+    """Call ``writer(fileobj)`` on a binary temp file, then rename it to ``path``."""
+    with _atomic_file(Path(path), "wb") as f:
+        writer(f)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    import torch
+
+    atomic_write_with(path, lambda f: torch.save(obj, f))
+
+
+def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically; the format is taken from the suffix of ``path``."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    kwargs.setdefault("dpi", 120)
+    kwargs.setdefault("bbox_inches", "tight")
+    atomic_write_with(path, lambda f: fig.savefig(f, format=fmt, **kwargs))
+    return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, dataclasses, enums and paths to plain JSON values.
+
+    Non-finite floats become ``None`` (JSON has no NaN/inf); a reader treats ``None`` as missing.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # torch.Tensor without importing torch
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, dumps(obj) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str | Path, record: Any) -> None:
+    """Append one JSON record as a line and fsync it (a kill can at most tear this one line)."""
+    line = dumps(record, indent=None) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """Read a JSONL file, ignoring a torn (unparsable) final line left by a crash."""
+    records: list[Any] = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+    return records
+
+
+def write_jsonl(path: str | Path, records: list[Any]) -> None:
+    """Rewrite a whole JSONL file atomically (used when resuming from a checkpoint)."""
+    atomic_write_text(path, "".join(dumps(r, indent=None) + "\n" for r in records))
