@@ -1,0 +1,91 @@
+"""``load_dataset``: the one entry point that turns a spec into a :class:`Dataset`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marginlab.data import cifar10, digits, idx_source, mnist
+from marginlab.data.base import Dataset, check_split, data_dir_default, get_info
+from marginlab.data.subsets import apply_label_mode, parse_spec, resolve_classes, select_classes, subsample
+
+log = logging.getLogger(__name__)
+
+
+def load_dataset(
+    spec: str,
+    split: str = "train",
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    labels: str = "index",
+    download: bool = False,
+) -> Dataset:
+    """Load ``split`` of the dataset named by ``spec``, optionally a class subset and a seeded sample.
+
+    Args:
+        spec: ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ``"digits"``, optionally with classes after
+            a colon by name or index: ``"mnist:0,1"``, ``"fashion-mnist:t-shirt,trouser"``.
+        split: ``"train"`` or ``"test"``.
+        n: keep ``n`` points drawn without replacement by a ``torch.Generator`` seeded with ``seed``,
+            in their original order; ``None`` keeps all.
+        seed: seed of that draw (the draw depends on nothing else).
+        data_dir: where dataset files live; default ``$MARGINLAB_DATA``, else ``~/.marginlab/data``.
+        labels: ``"index"`` (``0..k-1`` in listed order) or ``"pm1"`` (two classes: -1 first, +1 second).
+        download: fetch missing official files (verified by SHA-256) into ``data_dir`` first.
+
+    Returns:
+        A :class:`Dataset` with fresh tensors: ``x`` float32 ``[N, C, H, W]`` in [0, 1], ``y`` int64 ``[N]``.
+
+    Raises:
+        DataError: unknown dataset, class or split; missing, corrupt or truncated files; bad ``n``.
+        ConfigError: unknown ``labels`` mode.
+    """
+    name, tokens = parse_spec(spec)
+    info = get_info(name)
+    check_split(split)
+    raw = info.load(split, data_dir_default(data_dir), download)
+
+    rows: np.ndarray | None = None
+    y = raw.y
+    classes = info.classes
+    if tokens is not None:
+        picked = resolve_classes(name, info.classes, tokens)
+        rows, y = select_classes(raw.y, picked)
+        classes = tuple(info.classes[i] for i in picked)
+    what = f"the {split} split of {spec!r}"
+    chosen = subsample(len(y), n, seed, what)
+    if chosen is not None:
+        rows = chosen if rows is None else rows[chosen]
+        y = y[chosen]
+    y = apply_label_mode(y, labels, len(classes), spec)
+
+    pixels = raw.x if rows is None else raw.x[rows]
+    x = pixels.astype(np.float32)  # always a new array: the cached raw data stay untouched
+    x /= np.float32(raw.scale)
+    log.debug("loaded %s %s: %d points from %s", spec, split, len(y), raw.source)
+    return Dataset(
+        x=torch.from_numpy(x),
+        y=torch.from_numpy(np.array(y, dtype=np.int64)),
+        classes=classes,
+        name=name,
+        split=split,
+        source=raw.source,
+    )
+
+
+def clear_cache() -> None:
+    """Forget every decoded split cached in this process (for tests that rewrite files in place)."""
+    for cached in (
+        idx_source._read_cached,
+        mnist._read_bundle,
+        mnist._read_subset,
+        cifar10._read_files,
+        cifar10._read_tarball,
+        digits._splits,
+    ):
+        cached.cache_clear()

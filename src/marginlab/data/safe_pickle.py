@@ -1,0 +1,94 @@
+"""A restricted unpickler for pickles that hold only numpy arrays (and tuples/lists of them).
+
+Plain :func:`pickle.load` runs whatever callable a pickle names, so a tampered file can execute code.
+Here :meth:`pickle.Unpickler.find_class` -- the only way a pickle can reach a callable, including via
+``REDUCE``, ``INST``, ``OBJ`` and the copyreg extension codes -- admits exactly numpy's array
+reconstruction helpers, plus checked stand-ins for ``_codecs.encode`` (latin-1 only) and ``bytes``
+(bytes only) through which protocol-2 pickles written by Python 3 store byte strings; nothing else.
+Object arrays are refused too, because their elements could smuggle in further objects.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import IO, Any
+
+import numpy as np
+
+try:  # numpy >= 2
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # numpy 1.26
+    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
+    from numpy.core import numeric as _numeric  # type: ignore[no-redef]
+
+from marginlab.errors import DataError
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """What protocol-2 pickles written by Python 3 call to rebuild ``bytes``; latin-1 only."""
+    if encoding.lower().replace("-", "") != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _bytes(data: bytes = b"") -> bytes:
+    """``bytes(x)`` as protocol-2 pickles use it, for bytes input only (``bytes(10**12)`` would not be)."""
+    if not isinstance(data, bytes):
+        raise pickle.UnpicklingError("refusing bytes() of anything but bytes")
+    return data
+
+
+# (module, name) as written in the pickle -> the object it may resolve to. Pickles written by numpy < 2
+# name ``numpy.core.multiarray``; numpy >= 2 writes ``numpy._core.multiarray``.
+ALLOWED: dict[tuple[str, str], Any] = {
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _bytes,
+    ("builtins", "bytes"): _bytes,
+    ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,  # protocol >= 5 contiguous arrays
+    ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
+    ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing a persistent id")
+
+
+def load_numpy_pickle(f: IO[bytes], where: str) -> Any:
+    """Unpickle ``f`` admitting numpy arrays only; ``where`` names the file in error messages.
+
+    ``encoding="latin1"`` lets Python 3 read Python 2 pickles of arrays (their raw bytes are ``str``).
+
+    Raises:
+        DataError: the pickle names anything but numpy's array classes, holds an object array, or is
+            corrupt.
+    """
+    try:
+        obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{where}: unsafe or corrupt pickle ({e}); only numpy arrays are allowed") from None
+    except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise DataError(f"{where}: corrupt pickle ({type(e).__name__}: {e})") from None
+    _refuse_object_arrays(obj, where)
+    return obj
+
+
+def _refuse_object_arrays(obj: Any, where: str) -> None:
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+        raise DataError(f"{where}: refusing an object array in a pickle; only numeric arrays are allowed")
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, tuple | list):
+        for item in obj:
+            _refuse_object_arrays(item, where)
