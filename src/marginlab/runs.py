@@ -48,6 +48,10 @@ class RunDir:
         if rd.path.exists() and any(rd.path.iterdir()):
             if not force:
                 raise RunDirError(rd._occupied_message())
+            # Never move a directory that another process is still writing: take its lock first.
+            probe = cls(path)
+            probe.lock()
+            probe.unlock()
             rd._move_aside()
         try:
             rd.path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,46 @@
+"""``marginlab sweep CONFIG [key=value ...] --grid key=v1,v2 ... [--out DIR] [--jobs N]``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from marginlab.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of configs (restartable: finished runs are skipped) and tabulate their summaries",
+    )
+    p.add_argument("config", help="base TOML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid axis, e.g. --grid train.lr=0.01,0.002 --grid seed=0,1,2 (repeat for more axes)",
+    )
+    p.add_argument("--out", help="sweep directory (default: runs/<config name>-sweep)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)")
+    p.add_argument("--keys", help="comma-separated summary keys for the table (default: all shared ones)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from marginlab.config import load_config
+    from marginlab.sweep import TABLE_MD, run_sweep
+
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be a positive integer, got {args.jobs}")
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    base = load_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep")
+    result = run_sweep(base, args.grid, out, jobs=args.jobs, keys=keys)
+    for r in result.records:
+        note = " (already done)" if r.mode == "skip" else f": {r.error}" if r.error else ""
+        print(f"{r.status:9s} {r.point.name}{note}")
+    done = len(result.records) - len(result.failed)
+    print(f"sweep {out}: {done}/{len(result.records)} runs finished; table in {out / TABLE_MD} and .csv")
+    return 1 if result.failed else 0

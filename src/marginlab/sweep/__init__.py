@@ -1,0 +1,213 @@
+"""Sweeps: a cartesian grid of config overrides run as independent, restartable runs.
+
+``run_sweep(base, ["train.lr=0.01,0.002", "seed=0,1,2"], out)`` makes one run directory per grid point,
+named from its values (``out/lr=0.01,seed=0``), runs at most ``jobs`` of them at a time (spawned worker
+processes; ``jobs=1`` runs in this process), and keeps three files in ``out`` current after every run:
+
+- ``sweep.json``: the manifest (base config, grid, and per run its values, config, status and error);
+- ``sweep.csv`` and ``sweep.md``: one row per run, grid values + status + scalar summary keys.
+
+Restarting the same sweep skips finished runs (``summary.json`` present), resumes unfinished runs that
+have a checkpoint and restarts the others (the old directory is moved aside, never deleted). A run whose
+directory holds a *different* config is a user error, not something to skip or overwrite. A failing run
+never stops the sweep: it is recorded as ``failed`` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from marginlab.errors import ConfigError, RunDirError
+from marginlab.fsio import atomic_write_json, atomic_write_text, read_json, to_jsonable
+from marginlab.report.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
+from marginlab.runs import CONFIG, SUMMARY
+from marginlab.sweep.grid import SweepPoint, parse_grid, plan_sweep, run_name, split_values
+from marginlab.sweep.workers import RunFn, default_run, execute, run_mode
+
+__all__ = [
+    "RunFn",
+    "RunRecord",
+    "SweepPoint",
+    "SweepResult",
+    "default_run",
+    "parse_grid",
+    "plan_sweep",
+    "run_mode",
+    "run_name",
+    "run_sweep",
+    "split_values",
+]
+
+MANIFEST, TABLE_CSV, TABLE_MD = "sweep.json", "sweep.csv", "sweep.md"
+
+
+@dataclass
+class RunRecord:
+    """What happened to one grid point (``status``: pending, finished or failed)."""
+
+    point: SweepPoint
+    mode: str = "pending"  # skip (already finished), new, resume, restart
+    status: str = "pending"
+    error: str | None = None
+    traceback: str | None = None
+    seconds: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    """Every run of a sweep, in grid order; ``failed`` lists those that did not finish."""
+
+    out: Path
+    records: list[RunRecord]
+
+    @property
+    def failed(self) -> list[RunRecord]:
+        return [r for r in self.records if r.status != "finished"]
+
+
+def run_sweep(
+    base: dict[str, Any],
+    grid: Sequence[str] | dict[str, list[str]],
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    keys: Sequence[str] | None = None,
+    run_fn: RunFn | None = None,
+    validate: bool = True,
+) -> SweepResult:
+    """Run every grid point of ``base`` into ``out/<name>``, skipping finished ones; see the module doc.
+
+    ``grid``: ``"key=v1,v2"`` strings or the output of :func:`parse_grid`. ``keys``: summary keys for the
+    table (default: the scalar keys all finished runs share). ``run_fn``: replaces :func:`default_run`
+    (it must be picklable when ``jobs > 1``). ``validate``: build every config before running anything,
+    so a typo fails the sweep at once instead of failing every run.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
+    grid = dict(grid) if isinstance(grid, dict) else parse_grid(grid)
+    out = Path(out)
+    records = [RunRecord(p) for p in plan_sweep(base, grid)]
+    for rec in records:
+        path = out / rec.point.name
+        _check_same_config(path, _expected_config(rec.point, validate))
+        rec.mode = run_mode(path)
+        if rec.mode == "skip":
+            _finish(rec, path, None, None, None)
+    writer = _Writer(out, base, grid, records, keys)
+    writer.write()
+    todo = [r for r in records if r.mode != "skip"]
+    jobs_list = [(r.point.config, out / r.point.name, r.mode) for r in todo]
+    try:
+        for i, (error, tb, seconds) in execute(jobs_list, run_fn or default_run, jobs):
+            _finish(todo[i], out / todo[i].point.name, error, tb, seconds)
+            writer.write()  # the tables are current after every run, even if the sweep is killed
+    finally:
+        writer.write()
+    return SweepResult(out, records)
+
+
+def _expected_config(point: SweepPoint, validate: bool) -> dict[str, Any]:
+    """The config.json the point's run directory should hold (the runner's normalised form)."""
+    if not validate:
+        return json.loads(json.dumps(to_jsonable(point.config)))
+    from marginlab.config import to_dict
+    from marginlab.runner import build_config
+
+    try:
+        kind, cfg = build_config(point.config)
+    except ConfigError as e:
+        raise ConfigError(f"sweep run {point.name}: {e}") from None
+    return json.loads(json.dumps({"kind": kind, **to_dict(cfg)}))
+
+
+def _check_same_config(path: Path, expected: dict[str, Any]) -> None:
+    try:
+        existing = read_json(path / CONFIG)
+    except (OSError, ValueError):
+        return  # no (readable) config: nothing to protect; the run is started afresh
+    if existing != expected:
+        raise ConfigError(
+            f"{path} holds a run with a different config than this sweep asks for; "
+            "choose another --out or move that directory away"
+        )
+
+
+def _finish(rec: RunRecord, path: Path, error: str | None, tb: str | None, seconds: float | None) -> None:
+    if error is None:
+        try:
+            summary = read_json(path / SUMMARY)
+            rec.summary = summary if isinstance(summary, dict) else {}
+        except FileNotFoundError:
+            error = "the run ended without writing summary.json"
+        except (OSError, ValueError):
+            error = f"{path / SUMMARY} is corrupt"
+    rec.status = "failed" if error else "finished"
+    rec.error, rec.traceback, rec.seconds = error, tb, seconds
+
+
+@dataclass
+class _Writer:
+    """Writes the manifest and the two tables of a sweep (atomically, from the main process only)."""
+
+    out: Path
+    base: dict[str, Any]
+    grid: dict[str, list[str]]
+    records: list[RunRecord]
+    keys: Sequence[str] | None
+
+    def write(self) -> None:
+        try:
+            atomic_write_json(self.out / MANIFEST, self.manifest())
+            header, rows = self.table()
+            csv_rows = [[_csv_cell(c) for c in row] for row in rows]
+            md_rows = [[format_cell(c) for c in row] for row in rows]
+            atomic_write_text(self.out / TABLE_CSV, csv_text(header, csv_rows))
+            atomic_write_text(self.out / TABLE_MD, markdown_table(header, md_rows))
+        except OSError as e:
+            raise RunDirError(f"cannot write the sweep files in {self.out}: {e.strerror or e}") from None
+
+    def manifest(self) -> dict[str, Any]:
+        runs = [
+            {
+                "name": r.point.name,
+                "values": r.point.values,
+                "overrides": list(r.point.overrides),
+                "mode": r.mode,
+                "status": r.status,
+                "error": r.error,
+                "seconds": r.seconds,
+                "traceback": r.traceback,
+                "config": r.point.config,
+            }
+            for r in self.records
+        ]
+        return {"base": self.base, "grid": self.grid, "runs": runs}
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        finished = [scalar_items(r.summary) for r in self.records if r.status == "finished"]
+        keys = list(self.keys) if self.keys else [k for k in shared_keys(finished) if k != "kind"]
+        keys = [k for k in keys if k not in self.grid]  # a summary echoing a grid value adds nothing
+        # Summary keys named like the table's own columns get a prefix so every header is unique.
+        columns = [f"summary.{k}" if k in ("run", "status", "error") else k for k in keys]
+        header = ["run", *self.grid, "status", *columns, "error"]
+        rows = []
+        for r in self.records:
+            flat = scalar_items(r.summary)
+            values = [r.point.values[k] for k in self.grid]
+            rows.append([r.point.name, *values, r.status, *[flat.get(k) for k in keys], r.error or ""])
+        return header, rows
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return value

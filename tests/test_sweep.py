@@ -1,0 +1,232 @@
+"""Sweeps: grid syntax and naming, restart skipping, failure recording, worker processes, a real run.
+
+Most tests inject a fake run function (module-level so that spawned workers can unpickle it) that
+writes config.json and summary.json and appends a line to a call log, so calls can be counted across
+processes. One end-to-end test runs the real ``logreg-gd`` experiment and is skipped if it is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from marginlab.cli import main as cli_main
+from marginlab.errors import ConfigError
+from marginlab.sweep import parse_grid, plan_sweep, run_mode, run_name, run_sweep, split_values
+
+BASE = {"kind": "fake", "seed": 0, "train": {"lr": 0.1, "epochs": 3}}
+
+
+def fake_run(raw: dict[str, Any], path: Path, mode: str) -> None:
+    """Writes a run directory whose summary is a known function of the config; logs the call."""
+    with open(path.parent / "calls.log", "a") as f:
+        f.write(f"{path.name} {mode}\n")
+    if raw.get("fail") == "config":
+        raise ConfigError("train.lr must be > 0")
+    if raw.get("fail") == "bug":
+        raise ZeroDivisionError("division by zero\nsecond line")
+    if raw.get("fail") == "crash" and multiprocessing.parent_process() is not None:
+        os._exit(3)  # a worker killed outright (never the test process itself)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(raw))
+    score = raw["train"]["lr"] * 10 + raw["seed"]
+    summary = {"kind": "fake", "score": score, "pid": os.getpid(), "seed": raw["seed"], "status": "ok"}
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+def calls(out: Path) -> list[str]:
+    log = out / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def read_table(out: Path) -> list[dict[str, str]]:
+    with open(out / "sweep.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# -- grid syntax and naming ----------------------------------------------------------------------
+def test_grid_parsing_keeps_brackets_and_quotes_together() -> None:
+    grid = parse_grid(["train.lr=0.01, 0.002", 'data.dataset="mnist:0,1","digits"', "layers=[1,2],[3]"])
+    assert grid == {
+        "train.lr": ["0.01", "0.002"],
+        "data.dataset": ['"mnist:0,1"', '"digits"'],
+        "layers": ["[1,2]", "[3]"],
+    }
+    assert split_values("1") == ["1"]
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ([], "at least one --grid"),
+        (["lr"], "not of the form key=v1,v2"),
+        (["=1,2"], "not of the form key=v1,v2"),
+        (["lr="], "empty value"),
+        (["lr=1,,2"], "empty value"),
+        (["train..lr=1"], "not a dotted name"),
+        (["lr=[1,2"], "unbalanced"),
+        (['lr="a,b'], "unbalanced"),
+        (["lr=1,2", "lr=3"], "given twice"),
+        (["lr=0.1,1e-1"], "same value twice"),
+    ],
+)
+def test_bad_grid_syntax_is_a_one_line_config_error(items: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_grid(items)
+    assert "\n" not in str(info.value)
+
+
+def test_expansion_and_names() -> None:
+    points = plan_sweep(BASE, parse_grid(["train.lr=0.01,0.002", "seed=0,1,2"]))
+    assert [p.name for p in points] == [
+        f"lr={lr},seed={s}" for lr in ("0.01", "0.002") for s in (0, 1, 2)
+    ]  # first key varies slowest
+    assert points[4].config == {"kind": "fake", "seed": 1, "train": {"lr": 0.002, "epochs": 3}}
+    assert points[4].values == {"train.lr": 0.002, "seed": 1}
+    assert BASE["train"]["lr"] == 0.1  # the base config is not modified
+    # Ambiguous last key parts use the full key; unsafe characters are replaced; names stay short.
+    assert run_name({"a.lr": 1, "b.lr": 2}) == "a.lr=1,b.lr=2"
+    assert run_name({"data.dataset": "mnist:0,1/x y", "flag": True, "w": 1e-5}) == (
+        "dataset=mnist_0_1_x_y,flag=true,w=1e-05"
+    )
+    long = run_name({"key": "x" * 500})
+    assert len(long) <= 120 and long != run_name({"key": "x" * 499})
+    # Values that collide after sanitising get a digest so that every run has its own directory.
+    names = [p.name for p in plan_sweep(BASE, parse_grid(['tag="a/b","a_b"']))]
+    assert len(set(names)) == 2 and all(n.startswith("tag=a_b-") for n in names)
+
+
+# -- running -------------------------------------------------------------------------------------
+def test_sweep_runs_every_point_and_tabulates(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    result = run_sweep(BASE, ["train.lr=0.5,0.2", "seed=0,1"], out, run_fn=fake_run, validate=False)
+    assert not result.failed and len(calls(out)) == 4
+    rows = read_table(out)
+    assert [r["run"] for r in rows] == ["lr=0.5,seed=0", "lr=0.5,seed=1", "lr=0.2,seed=0", "lr=0.2,seed=1"]
+    for r in rows:  # the table's score is the fake's known function of the grid values
+        assert float(r["score"]) == pytest.approx(float(r["train.lr"]) * 10 + int(r["seed"]))
+        assert r["status"] == "finished" and r["error"] == "" and "kind" not in r
+    header = (out / "sweep.csv").read_text().splitlines()[0].split(",")
+    assert header == ["run", "train.lr", "seed", "status", "score", "pid", "summary.status", "error"]
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["grid"] == {"train.lr": ["0.5", "0.2"], "seed": ["0", "1"]}
+    assert [r["status"] for r in manifest["runs"]] == ["finished"] * 4
+    assert "| lr=0.5,seed=1 | 0.5 | 1 | finished | 6 |" in (out / "sweep.md").read_text()
+    # Chosen keys only (a missing one shows as empty), and a restart rewrites the table.
+    run_sweep(
+        BASE, ["train.lr=0.5,0.2", "seed=0,1"], out, keys=["score", "nope"], run_fn=fake_run, validate=False
+    )
+    assert list(read_table(out)[0]) == ["run", "train.lr", "seed", "status", "score", "nope", "error"]
+    assert read_table(out)[0]["nope"] == ""
+
+
+def test_restart_skips_finished_runs_and_resumes_or_restarts_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    grid = ["seed=0,1,2,3"]
+    run_sweep(BASE, grid, out, run_fn=fake_run, validate=False)
+    assert len(calls(out)) == 4
+    run_sweep(BASE, grid, out, run_fn=fake_run, validate=False)
+    assert len(calls(out)) == 4  # everything finished: nothing runs again
+    (out / "seed=1" / "summary.json").unlink()  # killed before the end, no checkpoint
+    (out / "seed=2" / "summary.json").unlink()  # killed with a checkpoint
+    (out / "seed=2" / "checkpoint.pt").write_bytes(b"")
+    assert [run_mode(out / f"seed={s}") for s in range(5)] == ["skip", "restart", "resume", "skip", "new"]
+    result = run_sweep(BASE, grid, out, run_fn=fake_run, validate=False)
+    assert calls(out)[4:] == ["seed=1 restart", "seed=2 resume"]
+    assert [r.mode for r in result.records] == ["skip", "restart", "resume", "skip"]
+    assert [r["status"] for r in read_table(out)] == ["finished"] * 4
+    # A grown grid runs only the new point.
+    run_sweep(BASE, ["seed=0,1,2,3,4"], out, run_fn=fake_run, validate=False)
+    assert calls(out)[6:] == ["seed=4 new"]
+
+
+def test_a_changed_config_is_not_silently_skipped(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    run_sweep(BASE, ["seed=0,1"], out, run_fn=fake_run, validate=False)
+    other = {**BASE, "train": {"lr": 0.3, "epochs": 3}}
+    with pytest.raises(ConfigError, match="different config"):
+        run_sweep(other, ["seed=0,1"], out, run_fn=fake_run, validate=False)
+    assert len(calls(out)) == 2
+
+
+def test_failing_runs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    result = run_sweep(BASE, ['fail="no","config","bug"'], out, run_fn=fake_run, validate=False)
+    assert [r.status for r in result.records] == ["finished", "failed", "failed"]
+    assert len(result.failed) == 2
+    rows = {r["run"]: r for r in read_table(out)}
+    assert rows["fail=config"]["error"] == "train.lr must be > 0"
+    assert rows["fail=bug"]["error"] == "ZeroDivisionError: division by zero"  # one line
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert "Traceback" in runs[2]["traceback"] and runs[1]["traceback"] is None
+
+
+def test_two_worker_processes(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    result = run_sweep(BASE, ["seed=0,1,2"], out, jobs=2, run_fn=fake_run, validate=False)
+    assert not result.failed and sorted(calls(out)) == ["seed=0 new", "seed=1 new", "seed=2 new"]
+    pids = {r.summary["pid"] for r in result.records}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # ran in (at most two) workers
+    # A worker killed outright fails its run only (the pool breaks: the rest are recorded as failed too).
+    crashed = run_sweep(
+        BASE, ['fail="crash","no"', "seed=0"], tmp_path / "c", jobs=2, run_fn=fake_run, validate=False
+    )
+    assert crashed.records[0].status == "failed" and "worker process failed" in crashed.records[0].error
+
+
+def test_cli_rejects_bad_input_without_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('kind = "logreg-gd"\nseed = 0\n')
+    out = tmp_path / "sw"
+    for args in (["--grid", "seed"], ["--grid", "seed=0", "--jobs", "0"], ["--grid", "seed=[0"]):
+        assert cli_main(["sweep", str(cfg), "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("marginlab: error:") and err.count("\n") == 1
+    assert not out.exists()
+
+
+# -- the real thing ------------------------------------------------------------------------------
+REAL_MODULES = (
+    "marginlab.experiments.logreg_gd",
+    "marginlab.svm",
+    "marginlab.linear",
+    "marginlab.plots.logreg",
+)
+needs_logreg = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in REAL_MODULES), reason="logreg-gd not available"
+)
+REAL_CONFIG = """
+kind = "logreg-gd"
+epochs = 5
+every_epoch_until = 5
+[data]
+dataset = "digits:0,1"
+"""
+
+
+@needs_logreg
+def test_real_sweep_end_to_end_then_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from marginlab.report import write_report
+
+    config = tmp_path / "c.toml"
+    config.write_text(REAL_CONFIG)
+    out = tmp_path / "sw"
+    # One grid point only: the run itself is quick, drawing its figures is what takes seconds.
+    args = ["sweep", str(config), "seed=3", "--grid", "step_fraction=0.25", "--out", str(out)]
+    assert cli_main(args) == 0
+    rows = read_table(out)
+    assert [r["status"] for r in rows] == ["finished"]
+    assert len(rows[0]) > 4  # run, grid value, status, error + at least one summary column
+    assert cli_main(args) == 0  # restart: skipped
+    printed = capsys.readouterr().out
+    assert "finished  step_fraction=0.25 (already done)" in printed and "1/1 runs finished" in printed
+    html_path, _ = write_report([out])
+    n_png = len(list(out.glob("*/figures/**/*.png")))
+    assert n_png > 0 and html_path.read_text().count('src="data:image/png;base64,') == n_png
