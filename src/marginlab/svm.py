@@ -71,7 +71,9 @@ def _solve(xa: np.ndarray, ya: np.ndarray, bias: BiasMode, tol: float) -> tuple[
         svc.fit(xa, ya)
         return svc.coef_.ravel().astype(np.float64), float(svc.intercept_[0])
     z = np.hstack([xa, np.ones((len(xa), 1))]) if bias == "regularized" else xa
-    lin = LinearSVC(loss="hinge", dual=True, C=_C, fit_intercept=False, tol=solver_tol, max_iter=_MAX_ITER)
+    lin = LinearSVC(
+        loss="hinge", dual=True, C=_C, fit_intercept=False, tol=solver_tol, max_iter=_MAX_ITER, random_state=0
+    )
     lin.fit(z, ya)
     theta = lin.coef_.ravel().astype(np.float64)
     return (theta[:-1], float(theta[-1])) if bias == "regularized" else (theta, 0.0)
@@ -115,8 +117,10 @@ def direction_cosine(w1: Tensor, b1: float | Tensor, w2: Tensor, b2: float | Ten
 
     Returns NaN when either vector is zero (a direction is undefined, e.g. at a zero initialisation).
     """
-    u = torch.cat([torch.as_tensor(w1).reshape(-1), torch.as_tensor(b1).reshape(-1)]).to(torch.float64)
-    v = torch.cat([torch.as_tensor(w2).reshape(-1), torch.as_tensor(b2).reshape(-1)]).to(torch.float64)
+    # float64 throughout: a Python float bias must not be rounded to float32 on the way in.
+    f64 = torch.float64
+    u = torch.cat([torch.as_tensor(w1, dtype=f64).reshape(-1), torch.as_tensor(b1, dtype=f64).reshape(-1)])
+    v = torch.cat([torch.as_tensor(w2, dtype=f64).reshape(-1), torch.as_tensor(b2, dtype=f64).reshape(-1)])
     if u.shape != v.shape:
         raise ConfigError(f"cannot compare directions of sizes {u.numel()} and {v.numel()}")
     nu, nv = float(u.norm()), float(v.norm())

@@ -1,0 +1,406 @@
+"""The poster's motivating example: logistic regression on MNIST 0-vs-1 trained by full-batch GD.
+
+Soudry et al. (2018): on separable data, gradient descent on the logistic loss with a constant step
+``eta < 2/L`` converges *in direction* to the hard-margin SVM. This experiment shows what that means for
+the margins: the minimum margin rises toward the SVM's, while the average margin falls.
+
+The run fits the SVMs once (before GD), then records at log-spaced epochs (every epoch early on), for the
+training and the test set, the loss, the error and the distribution of the exact signed L2 margins, plus
+``‖w‖`` and the cosine between (w, b) and the SVM's (w, b). Two SVMs, because the model has a bias: the
+classical one (bias free; its margin is the best possible minimum margin) and the one whose bias is
+penalised like a weight (the SVM of the points [x, 1]), which is where GD actually converges in direction
+(Soudry et al. treat the bias as the weight of a constant feature). On MNIST 0-vs-1 the two directions
+have cosine ~0.945, so ``cos_svm`` tops out there while ``cos_svm_reg`` climbs toward 1. At a few epochs
+it also keeps the per-point margins and (w, b) (``margins/epoch-XXXXXXX.npz``) so that histograms and
+adversarial examples can be drawn later from the run directory alone. Full batch: one epoch is one GD
+step. All GD is float64: late in training the margins are small differences of large logits.
+
+Files written besides ``config.json``/``metrics.jsonl``/``summary.json``: ``svm.npz`` (the SVMs),
+``adv_images.npz`` (a few fixed test images), ``margins/*.npz`` and ``checkpoint.pt`` (for ``--resume``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from marginlab.config import check_positive, require
+from marginlab.errors import ConfigError
+from marginlab.fsio import atomic_torch_save, atomic_write_with
+from marginlab.runs import RunDir
+from marginlab.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+MARGINS_DIR = "margins"
+SVM_FILE = "svm.npz"
+SVM_KINDS = ("free", "regularized")  # bias treatments, see _fit_svms
+ADV_FILE = "adv_images.npz"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data: a two-class dataset spec (labels -1 for the first class, +1 for the second)."""
+
+    dataset: str = "mnist:0,1"
+    n_train: int | None = None  # None: the whole training split
+    n_test: int | None = None
+    seed: int = 0  # of the subsample draw
+    data_dir: str = ""  # "" -> $MARGINLAB_DATA, else ~/.marginlab/data
+
+    def __post_init__(self) -> None:
+        check_positive("data.n_train", self.n_train)
+        check_positive("data.n_test", self.n_test)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The ``logreg-gd`` experiment (one epoch = one full-batch GD step)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 2000
+    step_fraction: float = 0.5  # eta = step_fraction * 2/L; theory needs < 1 (0.5 is eta = 1/L)
+    init: Literal["zero", "random"] = "zero"
+    init_scale: float = 0.01  # std of the random initial (w, b)
+    seed: int = 0
+    every_epoch_until: int = 50  # record every epoch up to here, then log-spaced
+    n_records: int = 100  # about this many log-spaced records after that
+    n_snapshots: int = 4  # epochs (log-spaced) whose per-point margins and weights are kept
+    n_adv_images: int = 4  # fixed test images for the adversarial-example figure
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+    def __post_init__(self) -> None:
+        check_positive("epochs", self.epochs)
+        require(
+            0 < self.step_fraction < 1,
+            f"step_fraction must be in (0, 1) so that eta < 2/L, got {self.step_fraction!r}",
+        )
+        check_positive("init_scale", self.init_scale, allow_zero=True)
+        check_positive("every_epoch_until", self.every_epoch_until, allow_zero=True)
+        check_positive("n_records", self.n_records)
+        require(self.n_snapshots >= 1, f"n_snapshots must be >= 1, got {self.n_snapshots!r}")
+        check_positive("n_adv_images", self.n_adv_images, allow_zero=True)
+
+
+# -- the optimiser ------------------------------------------------------------------------------------
+def smoothness_constant(x: torch.Tensor) -> float:
+    """L of the mean logistic loss of (w, b) on ``x`` [N, D]: ``λ_max(X̃ᵀX̃) / (4N)``, X̃ = [X, 1].
+
+    The Hessian is ``X̃ᵀ diag(σ(1-σ)) X̃ / N`` and σ(1-σ) <= 1/4 (equality at w = 0), so this is the exact
+    smoothness constant. λ_max comes from the smaller of the two Gram matrices (same nonzero spectrum).
+    """
+    n = x.shape[0]
+    xt = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], 1).double()
+    gram = xt.T @ xt if xt.shape[1] <= n else xt @ xt.T
+    return float(torch.linalg.eigvalsh(gram)[-1]) / (4 * n)
+
+
+class LogisticGD:
+    """Full-batch GD on ``mean_i log(1 + exp(-y_i (w·x_i + b)))`` with step ``eta = step_fraction · 2/L``.
+
+    Args:
+        x: training inputs [N, D]; y: labels ±1 [N]; w0 [D], b0: the starting point.
+
+    Pixels that are zero in every training image get a zero gradient forever, so GD runs on the other
+    ("active") columns only and those weights keep their initial value: exact, and ~20% faster on MNIST.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w0: torch.Tensor,
+        b0: float,
+        *,
+        step_fraction: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        x = x.to(device, torch.float64)
+        y = y.to(device, torch.float64)
+        self.L = smoothness_constant(x)
+        self.eta = step_fraction * 2.0 / self.L
+        self.active = (x != 0).any(0)  # [D] bool
+        ones = torch.ones(len(y), 1, dtype=torch.float64, device=device)
+        self._z = torch.cat([x[:, self.active], ones], 1) * y[:, None]  # [N, A+1]: rows y_i · [x_i, 1]
+        self._zt = self._z.T.contiguous()  # row-major copy: the transposed mat-vec runs ~20% faster
+        self._w0 = w0.to(device, torch.float64).clone()
+        self._v = torch.cat([self._w0[self.active], torch.tensor([b0], dtype=torch.float64, device=device)])
+        self._scale = self.eta / len(y)
+
+    def step(self, n: int = 1) -> None:
+        """Take ``n`` GD steps: ``v += eta/N · Zᵀ σ(-Z v)`` (minus the gradient of the mean loss)."""
+        for _ in range(n):
+            s = torch.sigmoid(-(self._z @ self._v))  # [N]
+            self._v.add_(self._zt @ s, alpha=self._scale)
+
+    def loss(self) -> float:
+        return float(torch.nn.functional.softplus(-(self._z @ self._v)).mean())
+
+    def weights(self) -> tuple[torch.Tensor, float]:
+        """The current (w [D], b) as a fresh float64 tensor and a float."""
+        w = self._w0.clone()
+        w[self.active] = self._v[:-1]
+        return w, float(self._v[-1])
+
+
+# -- what is recorded, and when ------------------------------------------------------------------------
+QUANTILES = {"q10": 0.10, "q25": 0.25, "median": 0.50, "q75": 0.75, "q90": 0.90}
+
+
+def record_epochs(epochs: int, every_until: int, n_log: int) -> list[int]:
+    """Every epoch up to ``every_until``, then about ``n_log`` log-spaced epochs up to ``epochs``."""
+    early = set(range(1, min(every_until, epochs) + 1))
+    lo = max(every_until, 1)
+    late = np.round(np.logspace(math.log10(lo), math.log10(epochs), n_log + 1)) if epochs > lo else []
+    return sorted(early | {int(e) for e in late} | {epochs})
+
+
+def snapshot_epochs(recorded: list[int], k: int) -> list[int]:
+    """``k`` recorded epochs, log-spaced from the first to the last (the last always included)."""
+    targets = np.logspace(math.log10(recorded[0]), math.log10(recorded[-1]), k)
+    logs = np.log(np.asarray(recorded, dtype=np.float64))
+    picks = {recorded[int(np.argmin(np.abs(logs - math.log(t))))] for t in targets}
+    return sorted(picks | {recorded[-1]})
+
+
+def margin_stats(
+    w: torch.Tensor, b: float, x: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Loss, error and the distribution of the exact signed L2 margins ``y(w·x+b)/‖w‖``.
+
+    Args: w [D], x [N, D], y ±1 [N] (float64). Returns the stats dict and the margins [N].
+    """
+    from marginlab.linear import binary_margins
+
+    m = binary_margins(w, torch.tensor(b, dtype=w.dtype, device=w.device), x, y, p=2, signed=True)
+    yf = m * w.norm()  # y (w·x + b): the margins already hold it, scaled by 1/‖w‖
+    qs = torch.quantile(m, torch.tensor(list(QUANTILES.values()), dtype=m.dtype, device=m.device))
+    margin = {"min": float(m.min()), "mean": float(m.mean()), "max": float(m.max())}
+    margin.update({k: float(q) for k, q in zip(QUANTILES, qs, strict=True)})
+    stats = {
+        "loss": float(torch.nn.functional.softplus(-yf).mean()),
+        "error": float((yf <= 0).double().mean()),
+        "margin": margin,
+    }
+    return stats, m
+
+
+def trend_summary(metrics: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    """First/last min and mean margin of ``split`` and whether they rose/fell (last vs first record)."""
+    first, last = metrics[0][split], metrics[-1][split]
+    out: dict[str, Any] = {}
+    for key in ("min", "mean", "median"):
+        out[f"{split}_{key}_margin_first"] = first["margin"][key]
+        out[f"{split}_{key}_margin_last"] = last["margin"][key]
+    out[f"{split}_min_margin_best"] = max(m[split]["margin"]["min"] for m in metrics)
+    out[f"{split}_min_margin_rises"] = last["margin"]["min"] > first["margin"]["min"]
+    out[f"{split}_mean_margin_falls"] = last["margin"]["mean"] < first["margin"]["mean"]
+    for key in ("loss", "error"):
+        out[f"{split}_{key}_first"] = first[key]
+        out[f"{split}_{key}_last"] = last[key]
+    # Stricter readings: the poster says errors never rise (so this is no overfitting artefact).
+    means = [m[split]["margin"]["mean"] for m in metrics]
+    errors = [m[split]["error"] for m in metrics]
+    out[f"{split}_mean_margin_falls_every_record"] = all(
+        b < a for a, b in zip(means, means[1:], strict=False)
+    )
+    out[f"{split}_error_never_rises"] = all(b <= a for a, b in zip(errors, errors[1:], strict=False))
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but no CUDA device is available; use device = 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def _load(cfg: DataConfig) -> tuple[Any, Any]:
+    from marginlab.data import load_dataset
+
+    kw: dict[str, Any] = {"seed": cfg.seed, "data_dir": cfg.data_dir or None, "labels": "pm1"}
+    train = load_dataset(cfg.dataset, "train", n=cfg.n_train, **kw)
+    test = load_dataset(cfg.dataset, "test", n=cfg.n_test, **kw)
+    return train, test
+
+
+def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Both hard-margin SVMs of the training set, fit once and kept in ``svm.npz`` (for resume and plots).
+
+    ``free``: the classical SVM (bias unpenalised): the reference margin. ``regularized``: the max-margin
+    (w, b) with the bias penalised like a weight, i.e. the SVM of the points [x, 1]; this is where GD on a
+    model with a bias converges in direction (Soudry et al. treat the bias as a weight on a constant 1).
+    """
+    path = rd.path / SVM_FILE
+    if path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    from marginlab.svm import hard_margin_svm
+
+    svm: dict[str, Any] = {}
+    for bias in SVM_KINDS:
+        start = time.perf_counter()
+        res = hard_margin_svm(x, y, bias=bias)
+        seconds = time.perf_counter() - start
+        svm.update({f"{bias}_w": res.w.double().numpy(), f"{bias}_b": np.float64(res.b)})
+        svm.update({f"{bias}_margin": np.float64(res.margin), f"{bias}_n_support": np.int64(res.n_support)})
+        svm[f"{bias}_seconds"] = np.float64(seconds)
+        log.info(
+            "hard-margin SVM (bias %s): margin %.5f, %d on the margin, %.1f s",
+            bias,
+            res.margin,
+            res.n_support,
+            seconds,
+        )
+    atomic_write_with(path, lambda f: np.savez(f, **svm))
+    return svm
+
+
+def _save_adv_images(rd: RunDir, test: Any, k: int, seed: int) -> None:
+    """Keep ``k`` fixed test images (half per class) so the adversarial figure needs no dataset."""
+    if k == 0 or (rd.path / ADV_FILE).is_file():
+        return
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for label, want in ((-1, k // 2), (1, k - k // 2)):
+        idx = torch.nonzero(test.y == label).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:want]])
+    idx = torch.cat(picks)
+    arrays = {"x": test.x[idx].numpy(), "y": test.y[idx].numpy(), "index": idx.numpy()}
+    arrays["classes"] = np.array(test.classes)  # names of the -1 and +1 classes, for titles
+    atomic_write_with(rd.path / ADV_FILE, lambda f: np.savez_compressed(f, **arrays))
+
+
+def _initial(cfg: Config, d: int) -> tuple[torch.Tensor, float]:
+    if cfg.init == "zero":
+        return torch.zeros(d, dtype=torch.float64), 0.0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    v = torch.randn(d + 1, generator=gen, dtype=torch.float64) * cfg.init_scale
+    return v[:-1].clone(), float(v[-1])
+
+
+def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
+    """Fit the SVMs, run GD for ``cfg.epochs`` steps recording margins; return the summary."""
+    device = _device(cfg.device)
+    seed_everything(cfg.seed)  # also seeds scikit-learn's solvers, which draw from numpy's global RNG
+    train, test = _load(cfg.data)
+    xtr, ytr = train.x.flatten(1).double(), train.y.double()
+    xte, yte = test.x.flatten(1).double(), test.y.double()
+    svm = _fit_svms(rd, xtr, ytr)
+    _save_adv_images(rd, test, cfg.n_adv_images, cfg.seed)
+
+    w0, b0 = _initial(cfg, xtr.shape[1])
+    start_epoch, metrics = 0, []
+    if resume and rd.checkpoint.is_file():
+        ck = torch.load(rd.checkpoint, weights_only=True)
+        w0, b0, start_epoch = ck["w"], float(ck["b"]), int(ck["epoch"])
+        metrics = [m for m in rd.metrics() if m["epoch"] <= start_epoch]  # drop records past the checkpoint
+        rd.rewrite_metrics(metrics)
+    elif resume:
+        rd.rewrite_metrics([])
+
+    gd = LogisticGD(xtr, ytr, w0, b0, step_fraction=cfg.step_fraction, device=device)
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
+    log.info("logreg-gd: N=%d, L=%.6g, eta=%.6g (= %.3f * 2/L)", len(ytr), gd.L, gd.eta, cfg.step_fraction)
+
+    recorded = record_epochs(cfg.epochs, cfg.every_epoch_until, cfg.n_records)
+    snaps = set(snapshot_epochs(recorded, cfg.n_snapshots))
+    gd_seconds, epoch = 0.0, start_epoch
+    with tqdm(total=cfg.epochs, initial=start_epoch, desc="logreg-gd", unit="ep", disable=None) as bar:
+        for target in (e for e in recorded if e > start_epoch):
+            t0 = time.perf_counter()
+            gd.step(target - epoch)
+            gd_seconds += time.perf_counter() - t0
+            bar.update(target - epoch)
+            epoch = target
+            w, b = gd.weights()
+            rec, margins = _record(epoch, w, b, svm, (xtr, ytr), (xte, yte))
+            rd.log_metrics(rec)
+            metrics.append(rec)
+            if epoch in snaps:
+                _save_snapshot(rd, epoch, w, b, margins)
+            atomic_torch_save({"epoch": epoch, "w": w.cpu(), "b": b}, rd.checkpoint)
+            bar.set_postfix(min=f"{rec['train']['margin']['min']:.3f}", cos=f"{rec['cos_svm_reg']:.3f}")
+    return _summary(cfg, gd, svm, metrics, gd_seconds, n=(len(ytr), len(yte)), device=device)
+
+
+def _record(
+    epoch: int, w: torch.Tensor, b: float, svm: dict[str, Any], *splits: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One metrics record, and the per-point margins of each split (kept at snapshot epochs)."""
+    from marginlab.svm import direction_cosine
+
+    w_cpu = w.cpu()
+    rec: dict[str, Any] = {"epoch": epoch, "w_norm": float(w.norm()), "b": b}
+    for key, bias in (("cos_svm", "free"), ("cos_svm_reg", "regularized")):
+        rec[key] = direction_cosine(w_cpu, b, torch.from_numpy(svm[f"{bias}_w"]), float(svm[f"{bias}_b"]))
+    margins = {}
+    for name, (x, y) in zip(("train", "test"), splits, strict=True):
+        rec[name], m = margin_stats(w, b, x, y)
+        margins[name] = m.float().cpu().numpy()
+    return rec, margins
+
+
+def _save_snapshot(rd: RunDir, epoch: int, w: torch.Tensor, b: float, margins: dict[str, np.ndarray]) -> None:
+    arrays = {"epoch": np.int64(epoch), "w": w.cpu().numpy(), "b": np.float64(b), **margins}
+    path = rd.path / MARGINS_DIR / f"epoch-{epoch:07d}.npz"
+    atomic_write_with(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def _summary(
+    cfg: Config,
+    gd: LogisticGD,
+    svm: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    gd_seconds: float,
+    *,
+    n: tuple[int, int],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The headline numbers; the trade-off booleans compare the last record with the first."""
+    first, last = metrics[0], metrics[-1]
+    out: dict[str, Any] = {
+        "dataset": cfg.data.dataset,
+        "n_train": n[0],
+        "n_test": n[1],
+        "epochs": cfg.epochs,
+        "L": gd.L,
+        "eta": gd.eta,
+        "eta_times_L": gd.eta * gd.L,  # the theory asks for < 2
+        "step_fraction": cfg.step_fraction,
+        "svm_margin": float(svm["free_margin"]),  # classical SVM (free bias): the best possible min margin
+        "svm_reg_margin": float(svm["regularized_margin"]),  # GD's limit (bias penalised like a weight)
+        "svm_n_support": int(svm["free_n_support"]),
+        "svm_seconds": float(svm["free_seconds"]),
+        "svm_reg_seconds": float(svm["regularized_seconds"]),
+        "gd_seconds": gd_seconds,  # this session's GD steps only (after a resume: since the resume)
+        "device": str(device),
+        "first_epoch": first["epoch"],
+        "last_epoch": last["epoch"],
+    }
+    for key in ("cos_svm", "cos_svm_reg"):
+        out[f"{key}_first"], out[f"{key}_last"] = first[key], last[key]
+    for split in ("train", "test"):
+        out.update(trend_summary(metrics, split))
+        # One (w, b), hence one cosine for both splits; the keys exist per split for uniform reading.
+        out[f"{split}_cosine_rises"] = out["cos_svm_last"] > out["cos_svm_first"]
+        out[f"{split}_cosine_reg_rises"] = out["cos_svm_reg_last"] > out["cos_svm_reg_first"]
+    checks = ("min_margin_rises", "mean_margin_falls", "cosine_rises", "cosine_reg_rises")
+    out["shows_tradeoff"] = all(out[f"{s}_{k}"] for s in ("train", "test") for k in checks)
+    return out
+
+
+def plot(run_dir: Path) -> list[Path]:
+    """Redraw every figure of a ``logreg-gd`` run from its files alone."""
+    from marginlab.plots.logreg import plot_logreg
+
+    return plot_logreg(Path(run_dir))

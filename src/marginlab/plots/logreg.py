@@ -1,0 +1,210 @@
+"""Figures of a ``logreg-gd`` run, drawn from its run directory alone.
+
+- ``margins.png``: minimum and mean signed L2 margin vs epoch (log x), train and test, with the margins
+  of the two SVMs (classical, and bias penalised = GD's limit) as reference lines;
+- ``cosine.png``: cosine between (w, b) and each SVM's (w, b) vs epoch;
+- ``loss_error.png``: loss and error vs epoch (the poster: errors never rise, so no overfitting artefact);
+- ``histograms.png``: per-point margins at the snapshot epochs, train and test;
+- ``adversarial.png``: a few fixed test images, their minimal L2 perturbation and the adversarial image
+  (closed form for a linear classifier) at the snapshot epochs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from marginlab.plots.common import new_figure, save
+from marginlab.runs import read_metrics
+
+SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
+
+
+def plot_logreg(run_dir: Path) -> list[Path]:
+    """Draw every figure into ``run_dir/figures``; returns their paths (figures lacking data are skipped)."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    out = run_dir / "figures"
+    svm = _svm_margins(run_dir)
+    paths = []
+    if metrics:
+        paths += [
+            _margins(metrics, svm, out / "margins.png"),
+            _cosine(metrics, out / "cosine.png"),
+            _loss_error(metrics, out / "loss_error.png"),
+        ]
+    snaps = _snapshots(run_dir)
+    if snaps:
+        paths.append(_histograms(snaps, svm.get("free"), out / "histograms.png"))
+        if (run_dir / "adv_images.npz").is_file():
+            shape = _image_shape(run_dir)
+            paths.append(_adversarial(snaps, run_dir / "adv_images.npz", shape, out / "adversarial.png"))
+    return paths
+
+
+# -- reading ------------------------------------------------------------------------------------------
+def _svm_margins(run_dir: Path) -> dict[str, float]:
+    """Geometric margins of the SVMs: ``free`` (classical), ``regularized`` (bias penalised, GD's limit)."""
+    path = run_dir / "svm.npz"
+    if not path.is_file():
+        return {}
+    with np.load(path) as z:
+        return {k: float(z[f"{k}_margin"]) for k in ("free", "regularized") if f"{k}_margin" in z.files}
+
+
+def _snapshots(run_dir: Path) -> list[dict[str, Any]]:
+    snaps = []
+    for path in sorted((run_dir / "margins").glob("epoch-*.npz")):
+        with np.load(path) as z:
+            snaps.append({k: z[k] for k in z.files})
+    return sorted(snaps, key=lambda s: int(s["epoch"]))
+
+
+def _image_shape(run_dir: Path) -> tuple[int, ...]:
+    with np.load(run_dir / "adv_images.npz") as z:
+        return tuple(z["x"].shape[1:])
+
+
+def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and the value at the nested ``keys`` of each record (NaN where missing or null)."""
+    epochs = np.array([m["epoch"] for m in metrics], dtype=float)
+    vals = []
+    for m in metrics:
+        v: Any = m
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        vals.append(np.nan if v is None else v)
+    return epochs, np.asarray(vals, dtype=float)
+
+
+# -- curves -------------------------------------------------------------------------------------------
+def _margins(metrics: list[dict[str, Any]], svm: dict[str, float], path: Path) -> Path:
+    fig, axes = new_figure(1, 2, size=(9.5, 3.6))
+    ax_min, ax_mean = np.ravel(axes)
+    for split, color in SPLIT_COLORS.items():
+        ax_min.plot(*_series(metrics, split, "margin", "min"), color=color, label=split)
+        ax_mean.plot(*_series(metrics, split, "margin", "mean"), color=color, label=f"{split} mean")
+        ax_mean.plot(
+            *_series(metrics, split, "margin", "median"), color=color, ls=":", label=f"{split} median"
+        )
+    if "free" in svm:
+        ax_min.axhline(svm["free"], color="k", ls="--", lw=1, label=f"SVM margin {svm['free']:.3f}")
+    if "regularized" in svm:
+        label = f"SVM, bias penalised {svm['regularized']:.3f}\n(GD's limit)"
+        ax_min.axhline(svm["regularized"], color="k", ls=":", lw=1, label=label)
+    ax_min.axhline(0, color="grey", lw=0.8)
+    ax_min.set_title("minimum margin (rises toward the SVM's)")
+    ax_mean.set_title("average margin (falls)")
+    for ax in (ax_min, ax_mean):
+        ax.set_xscale("log")
+        ax.set_xlabel("epoch (= full-batch GD step)")
+        ax.set_ylabel("signed L2 margin")
+        ax.legend()
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _cosine(metrics: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = new_figure(size=(5.2, 3.5))
+    ax.plot(*_series(metrics, "cos_svm_reg"), color="tab:green", label="SVM with bias penalised (GD's limit)")
+    ax.plot(*_series(metrics, "cos_svm"), color="tab:purple", ls="--", label="classical SVM (free bias)")
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cosine of (w, b) with the SVM's (w, b)")
+    ax.set_title("direction of GD vs the hard-margin SVM")
+    ax.legend()
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _loss_error(metrics: list[dict[str, Any]], path: Path) -> Path:
+    fig, axes = new_figure(1, 2, size=(9, 3.3))
+    ax_loss, ax_err = np.ravel(axes)
+    for split, color in SPLIT_COLORS.items():
+        ax_loss.plot(*_series(metrics, split, "loss"), color=color, label=split)
+        epochs, err = _series(metrics, split, "error")
+        ax_err.plot(epochs, 100 * err, color=color, label=split)
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("mean logistic loss")
+    ax_err.set_ylabel("error (%)")
+    for ax in (ax_loss, ax_err):
+        ax.set_xscale("log")
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    return save(fig, path)
+
+
+# -- per-point views at the snapshot epochs -----------------------------------------------------------
+def _histograms(snaps: list[dict[str, Any]], svm_margin: float | None, path: Path) -> Path:
+    splits = [s for s in SPLIT_COLORS if s in snaps[0]]
+    every = np.concatenate([s[split] for s in snaps for split in splits])
+    lo, hi = np.percentile(every, [0.05, 100])
+    bins = np.linspace(min(lo, 0.0), hi, 61)
+    fig, axes = new_figure(len(snaps), len(splits), size=(4.4 * len(splits), 1.9 * len(snaps)))
+    axes = np.asarray(axes).reshape(len(snaps), len(splits))
+    for i, snap in enumerate(snaps):
+        for j, split in enumerate(splits):
+            ax, m = axes[i, j], snap[split]
+            ax.hist(np.clip(m, bins[0], bins[-1]), bins=bins, color=SPLIT_COLORS[split], alpha=0.8)
+            ax.axvline(float(np.mean(m)), color="k", lw=1, label=f"mean {np.mean(m):.2f}")
+            if svm_margin is not None:
+                ax.axvline(svm_margin, color="k", ls="--", lw=1, label=f"SVM {svm_margin:.2f}")
+            ax.axvline(0, color="red", lw=0.8)
+            ax.set_title(f"{split}, epoch {int(snap['epoch'])} (min {m.min():.2f})", fontsize=8)
+            ax.legend(loc="upper right", fontsize=7)
+            if i == len(snaps) - 1:
+                ax.set_xlabel("signed L2 margin")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _adversarial(snaps: list[dict[str, Any]], images: Path, shape: tuple[int, ...], path: Path) -> Path:
+    from marginlab.linear import minimal_adversarial
+
+    with np.load(images) as z:
+        x, y = torch.from_numpy(z["x"]).double().flatten(1), torch.from_numpy(z["y"]).double()
+        names = (
+            [f"{c} (y={s})" for c, s in zip(z["classes"], ("-1", "+1"), strict=True)]
+            if "classes" in z.files
+            else []
+        )
+    k, cols = len(y), 1 + 2 * len(snaps)
+    fig, axes = new_figure(k, cols, size=(1.25 * cols, 1.7 * k))
+    axes = np.asarray(axes).reshape(k, cols)
+    for i in range(k):
+        label = names[int(y[i] > 0)] if names else f"y={int(y[i]):+d}"
+        _show(axes[i, 0], x[i], shape, f"original: {label}")
+    for s, snap in enumerate(snaps):
+        w, b = torch.from_numpy(snap["w"]).double(), float(snap["b"])
+        found = minimal_adversarial(w, b, x, y, p=2)  # closed form, lands just across the boundary
+        adv, delta = found.x, found.x - x  # [k, D]; misclassified points come back unchanged (δ = 0)
+        for i in range(k):
+            norm = float(found.norm[i])
+            scale = float(delta[i].abs().max()) or 1.0
+            _show(
+                axes[i, 1 + 2 * s],
+                delta[i] / scale,
+                shape,
+                f"ep {int(snap['epoch'])}: δ\n‖δ‖₂={norm:.2f}",
+                "bwr",
+                -1,
+            )
+            _show(axes[i, 2 + 2 * s], adv[i], shape, f"ep {int(snap['epoch'])}: x+δ")
+    fig.suptitle("minimal L2 adversarial examples (δ rescaled to its max |value| for display)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _show(
+    ax: Any, v: torch.Tensor, shape: tuple[int, ...], title: str, cmap: str = "gray", vmin: float = 0
+) -> None:
+    img = v.reshape(shape).numpy()
+    img = img[0] if img.shape[0] == 1 else np.transpose(np.clip(img, 0, 1), (1, 2, 0))
+    ax.imshow(img, cmap=cmap, vmin=vmin, vmax=1)
+    ax.set_title(title, fontsize=7)
+    ax.set_axis_off()
