@@ -1,0 +1,130 @@
+"""Fixed-ε attacks, by name: L2/L∞ PGD with random start (foolbox) and AutoAttack (pyautoattack).
+
+An attack only *proposes* adversarial inputs ``x_adv`` [n, C, H, W] for a batch of clean-correct points;
+the evaluator verifies each one (inside the ε-ball and [0, 1], misclassified) before counting it, so a
+library quirk can never make a model look less robust than it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from marginlab.errors import ConfigError
+from marginlab.registry import Registry
+
+__all__ = ["ATTACKS", "NORMS", "AttackSettings", "autoattack", "normalize_norm", "pgd"]
+
+NORMS = ("L2", "Linf")
+AA_VERSIONS = ("standard", "plus", "custom")
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+
+
+def normalize_norm(norm: str) -> str:
+    """``"l2"``/``"L2"``/``"2"`` -> ``"L2"``; ``"linf"``/``"inf"`` -> ``"Linf"``; else ConfigError."""
+    key = str(norm).lower().removeprefix("l")
+    if key == "2":
+        return "L2"
+    if key in ("inf", "∞"):
+        return "Linf"
+    raise ConfigError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """Settings shared by the attacks. PGD: ``steps`` of absolute size ``step_size`` (the reference: L2,
+    1000 steps of 0.01), cross-entropy loss. AutoAttack: ``aa_version`` ('standard' is the trustworthy
+    default; 'custom' runs ``aa_attacks`` only, with ``aa_iters`` iterations if given)."""
+
+    norm: str = "L2"
+    steps: int = 1000
+    step_size: float = 0.01
+    random_start: bool = True
+    batch_size: int = 256
+    seed: int = 0
+    aa_version: str = "standard"
+    aa_attacks: tuple[str, ...] | None = None
+    aa_iters: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", normalize_norm(self.norm))
+        if self.steps < 1 or not self.step_size > 0 or self.batch_size < 1:
+            raise ConfigError("attack steps and batch_size must be >= 1 and step_size > 0")
+        if self.aa_version not in AA_VERSIONS:
+            raise ConfigError(f"unknown AutoAttack version {self.aa_version!r}; choose from: {AA_VERSIONS}")
+        if (self.aa_version == "custom") != bool(self.aa_attacks):
+            raise ConfigError("AutoAttack attacks can be chosen (and must be) only with version 'custom'")
+        bad = [a for a in self.aa_attacks or () if a not in AA_ATTACKS]
+        if bad:
+            raise ConfigError(f"unknown AutoAttack attack {bad[0]!r}; choose from: {', '.join(AA_ATTACKS)}")
+        if self.aa_iters is not None and self.aa_iters < 1:
+            raise ConfigError(f"aa_iters must be >= 1, got {self.aa_iters}")
+
+
+# An attack: (model, x [n, ...] clean-correct, y [n], eps, settings) -> (x_adv [n, ...], notes).
+AttackFn = Callable[[nn.Module, Tensor, Tensor, float, AttackSettings], tuple[Tensor, list[str]]]
+ATTACKS: Registry[AttackFn] = Registry("attack")
+
+
+@ATTACKS.register("pgd")
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, s: AttackSettings) -> tuple[Tensor, list[str]]:
+    """Projected gradient ascent on the cross-entropy loss from a random start in the ε-ball (foolbox)."""
+    import foolbox as fb
+
+    cls = fb.attacks.L2PGD if s.norm == "L2" else fb.attacks.LinfPGD
+    attack = cls(abs_stepsize=s.step_size, steps=s.steps, random_start=s.random_start)
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
+    out = []
+    # foolbox draws its random start from torch's global RNG: seed a forked copy, leave the caller's alone
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(s.seed)
+        for xb, yb in zip(x.split(s.batch_size), y.split(s.batch_size), strict=True):
+            _, clipped, _ = attack(fmodel, xb, yb, epsilons=eps)
+            out.append(clipped.detach())
+    return torch.cat(out), []
+
+
+@ATTACKS.register("autoattack")
+def autoattack(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, s: AttackSettings
+) -> tuple[Tensor, list[str]]:
+    """AutoAttack (Croce & Hein 2020) at radius ``eps``; runs its attacks one after the other on the
+    points still robust, as the official code does."""
+    from pyautoattack import AutoAttack
+
+    kwargs: dict = {
+        "norm": s.norm,
+        "eps": float(eps),
+        "version": s.aa_version,
+        "seed": s.seed,
+        "device": x.device,
+    }
+    if s.aa_version == "custom":
+        kwargs["attacks"] = list(s.aa_attacks or ())
+    aa = AutoAttack(model, **kwargs)
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    notes = _fit_to_problem(aa, num_classes, square_ok=s.norm != "L2" or x.shape[-2] >= 5)
+    if s.aa_iters is not None:
+        for att in (aa.apgd, aa.apgd_targeted, aa.fab):
+            att.n_iter = s.aa_iters
+    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=s.batch_size)
+    return x_adv.detach(), notes
+
+
+def _fit_to_problem(aa: object, num_classes: int, square_ok: bool = True) -> list[str]:
+    """Targeted attacks use up to 9 target classes; fewer classes need fewer targets, and DLR losses need
+    at least 3 (untargeted) or 4 (targeted) classes. L2 Square needs images at least 5 pixels high."""
+    targets = min(9, num_classes - 1)
+    aa.apgd_targeted.n_target_classes = targets  # type: ignore[attr-defined]
+    aa.fab.n_target_classes = targets  # type: ignore[attr-defined]
+    dlr = f"the DLR loss needs more than {num_classes} classes"
+    reasons = {"apgd-t": dlr if num_classes <= 3 else None, "apgd-dlr": dlr if num_classes < 3 else None}
+    reasons["square"] = None if square_ok else "L2 Square needs images at least 5 pixels high"
+    planned: list[str] = list(aa.attacks_to_run)  # type: ignore[attr-defined]
+    aa.attacks_to_run = [a for a in planned if not reasons.get(a)]  # type: ignore[attr-defined]
+    return [f"AutoAttack: {a} skipped, {reasons[a]}" for a in planned if reasons.get(a)]

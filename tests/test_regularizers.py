@@ -1,0 +1,228 @@
+"""Regularizers: hand-computed values, exact zero gradients outside [0, γ], the smaller-Gram identity, the
+probe estimator's bias and variance against theory, recipes and config validation."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from marginlab.config import from_dict
+from marginlab.errors import ConfigError
+from marginlab.models import build_model
+from marginlab.regularizers import (
+    AverageMargin,
+    Orthogonality,
+    RegularizerConfig,
+    build_regularizers,
+    logit_margins,
+    orthogonality_penalty,
+    reference_gamma,
+    reference_lr,
+    resolve_config,
+)
+
+# A 2-feature, 3-class head: z = W φ + b.
+W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+B = torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64)
+PHI = torch.tensor([[2.0, 1.0], [0.0, 3.0], [10.0, 0.0]], dtype=torch.float64)
+Y = torch.tensor([0, 0, 0])
+# By hand: z = [2, 1.5, -3], [0, 3.5, -3], [10, .5, -10] -> margins min_k(z_0 - z_k) = 0.5, -3.5, 9.5.
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.phi = nn.Identity()
+        self.head = nn.Linear(2, 3).double()
+        with torch.no_grad():
+            self.head.weight.copy_(W)
+            self.head.bias.copy_(B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.phi(x))
+
+
+def test_logit_margins_match_hand_computation() -> None:
+    logits = PHI @ W.T + B
+    assert torch.allclose(logit_margins(logits, Y), torch.tensor([0.5, -3.5, 9.5], dtype=torch.float64))
+    # normalised: gaps divided by ||w_0 - w_1|| = sqrt(2) and ||w_0 - w_2|| = sqrt(5)
+    want = [
+        min(0.5 / math.sqrt(2), 5 / math.sqrt(5)),
+        min(-3.5 / math.sqrt(2), 3 / math.sqrt(5)),
+        9.5 / math.sqrt(2),
+    ]
+    assert torch.allclose(logit_margins(logits, Y, W), torch.tensor(want, dtype=torch.float64))
+
+
+def test_average_margin_value_and_gradient_zero_outside_clip() -> None:
+    model = Tiny()
+    feats = PHI.clone()
+    logits = model.head(feats)
+    logits.retain_grad()
+    reg = AverageMargin(lam=0.1, gamma=5.0)
+    value = reg(model, feats, logits, Y)
+    # clip(0.5) + clip(-3.5) + clip(9.5) = 0.5 + 0 + 5
+    assert value.item() == pytest.approx(-0.1 * 5.5 / 3, rel=1e-12)
+    value.backward()
+    g = logits.grad
+    assert g is not None
+    # sample 0 is inside [0, γ]: d/dz_y = -λ/B, d/dz_1 = +λ/B (class 1 attains the min); the others exactly 0
+    assert torch.equal(g[0], torch.tensor([-0.1 / 3, 0.1 / 3, 0.0], dtype=torch.float64))
+    assert torch.equal(g[1:], torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_average_margin_gives_no_parameter_gradient_outside_clip() -> None:
+    model = Tiny()
+    feats = PHI[1:].clone().requires_grad_(True)  # margins -3.5 and 9.5: both outside [0, 5]
+    for normalized in (False, True):
+        model.zero_grad()
+        logits = model.head(feats)
+        AverageMargin(0.1, 5.0, normalized)(model, feats, logits, Y[1:]).backward()
+        assert torch.count_nonzero(model.head.weight.grad) == 0
+        assert torch.count_nonzero(model.head.bias.grad) == 0
+
+
+def test_normalized_margin_value_and_finite_gradient() -> None:
+    model = Tiny()
+    logits = model.head(PHI)
+    value = AverageMargin(1.0, 100.0, normalized=True)(model, PHI, logits, Y)
+    assert value.item() == pytest.approx(-(0.5 / math.sqrt(2) + 0 + 9.5 / math.sqrt(2)) / 3, rel=1e-12)
+    value.backward()
+    assert torch.isfinite(model.head.weight.grad).all()
+
+
+def direct_penalty(w: torch.Tensor) -> torch.Tensor:
+    w = w.flatten(1)
+    return (w @ w.T - torch.eye(w.shape[0], dtype=w.dtype)).pow(2).sum()
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (5, 5), (16, 2, 3, 3), (4, 9, 3, 3), (1, 1)])
+def test_smaller_gram_equals_direct_formula(shape: tuple[int, ...]) -> None:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert orthogonality_penalty(w).item() == pytest.approx(direct_penalty(w).item(), rel=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(6, 4, dtype=torch.float64))  # orthonormal columns: WᵀW = I_4
+    assert orthogonality_penalty(q.T).item() == pytest.approx(0.0, abs=1e-12)  # W Wᵀ = I exactly
+    assert orthogonality_penalty(q).item() == pytest.approx(2.0, abs=1e-12)  # (m - n) = 2 left over
+
+
+def test_orthogonality_layers_head_included_by_default() -> None:
+    torch.manual_seed(0)
+    model = build_model("cnn", input_shape=(1, 12, 12), num_classes=3, channels=(2, 3), fc=(5,))
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    assert len(weights) == 4  # conv, conv, fc, head
+    x = torch.zeros(1, 1, 12, 12)
+    y = torch.zeros(1, dtype=torch.long)
+    want = sum(direct_penalty(w) for w in weights)
+    got = Orthogonality(beta=0.5)(model, x, model(x), y)
+    assert got.item() == pytest.approx(0.5 * want.item(), rel=1e-5)
+    hidden = Orthogonality(beta=1.0, layers="hidden").penalty(model)
+    assert hidden.item() == pytest.approx((want - direct_penalty(model.head.weight)).item(), rel=1e-5)
+    named = Orthogonality(beta=1.0, layers="head").penalty(model)
+    assert named.item() == pytest.approx(direct_penalty(model.head.weight).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="no weighted layer 'nope'"):
+        Orthogonality(beta=1.0, layers="head,nope").penalty(model)
+
+
+def test_probe_estimate_is_unbiased_with_theoretical_variance() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(12, 5, generator=gen, dtype=torch.float64) / 3).requires_grad_(True)
+    exact = orthogonality_penalty(w)
+    (g_exact,) = torch.autograd.grad(exact, w)
+    a = w.detach().T @ w.detach() - torch.eye(5, dtype=torch.float64)  # the smaller Gram minus I
+    var_theory = 2 * (a @ a).pow(2).sum().item()  # Var(vᵀA²v) = 2 tr(A⁴) for v ~ N(0, I)
+    draws, grads = [], []
+    for _ in range(4000):
+        est = orthogonality_penalty(w, probes=1, generator=gen)
+        grads.append(torch.autograd.grad(est, w)[0])
+        draws.append(est.item())
+    d = torch.tensor(draws, dtype=torch.float64)
+    se = math.sqrt(var_theory / len(draws))
+    assert abs(d.mean().item() - exact.item()) < 4 * se  # unbiased value
+    assert d.var().item() == pytest.approx(var_theory, rel=0.15)
+    g_mean = torch.stack(grads).mean(0)
+    assert (g_mean - g_exact).norm() / g_exact.norm() < 0.1  # unbiased gradient
+    # averaging p probes divides the variance by p
+    many = torch.tensor([orthogonality_penalty(w, probes=16, generator=gen).item() for _ in range(500)])
+    assert many.var().item() == pytest.approx(var_theory / 16, rel=0.25)
+
+
+def test_every_k_applies_k_times_the_penalty_once_per_k_steps() -> None:
+    model = Tiny()
+    reg = Orthogonality(beta=0.1, every=3)
+    z = torch.zeros(1, 3, dtype=torch.float64)
+    values = [reg(model, PHI, z, Y).item() for _ in range(6)]
+    full = 0.1 * direct_penalty(W).item()
+    assert values == pytest.approx([3 * full, 0, 0, 3 * full, 0, 0], rel=1e-12)
+
+
+def test_state_dict_resumes_step_counter_and_probe_stream() -> None:
+    model = Tiny()
+    z = torch.zeros(1, 3, dtype=torch.float64)
+    a = Orthogonality(beta=1.0, every=2, probes=3, seed=5)
+    a(model, PHI, z, Y)
+    state = a.state_dict()
+    want = [a(model, PHI, z, Y).item() for _ in range(3)]
+    b = Orthogonality(beta=1.0, every=2, probes=3, seed=5)
+    b.load_state_dict(state)
+    assert [b(model, PHI, z, Y).item() for _ in range(3)] == want
+    assert want[0] == 0 and want[1] > 0  # resumed on the skipped step, then the next applied one
+
+
+def test_recipes_build_the_reference_terms() -> None:
+    assert build_regularizers(RegularizerConfig()) == []
+    (ortho,) = build_regularizers(RegularizerConfig(recipe="constraint"))
+    assert isinstance(ortho, Orthogonality) and ortho.beta == 1e-3
+    margin, ortho = build_regularizers(RegularizerConfig(recipe="regularized"), model_name="mnist-cnn")
+    assert isinstance(margin, AverageMargin) and (margin.lam, margin.gamma) == (0.1, 40.0)
+    assert isinstance(ortho, Orthogonality) and ortho.beta == 1e-3
+    cfg = resolve_config(RegularizerConfig(recipe="regularized", gamma=7.0, lam=0.5), "mnist-cnn")
+    assert (cfg.lam, cfg.gamma, cfg.beta) == (0.5, 7.0, 1e-3)
+    names = ("mnist-lr", "mnist-mlp", "mnist-cnn", "cifar-mlp", "cifar-cnn")
+    assert [reference_gamma(n) for n in names] == [5, 5, 40, 10, 10]
+    assert reference_gamma("cnn", "fashion-mnist:0,1") == 40.0
+    assert (reference_lr("standard"), reference_lr("constraint"), reference_lr("regularized")) == (
+        0.01,
+        0.01,
+        0.002,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"recipe": "regularized", "lam": -1.0}, "lam must be a finite number >= 0"),
+        ({"recipe": "regularized", "gamma": float("nan")}, "gamma must be a finite number"),
+        ({"recipe": "constraint", "beta": float("inf")}, "beta must be a finite number"),
+        ({"recipe": "regularized", "gamma": 0.0}, "gamma must be > 0"),
+        ({"recipe": "standard", "beta": 1e-3}, "recipe 'standard' has no orthogonality term"),
+        ({"recipe": "constraint", "lam": 0.1}, "has no average-margin term"),
+        ({"recipe": "fancy"}, "unknown regularizer recipe 'fancy'"),
+        ({"recipe": "constraint", "ortho_every": 0}, "ortho_every must be >= 1"),
+    ],
+)
+def test_config_validation_one_line_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        RegularizerConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_gamma_and_unknown_model_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="needs gamma"):
+        build_regularizers(RegularizerConfig(recipe="regularized"))
+    with pytest.raises(ConfigError, match="no reference gamma for model 'mlp'"):
+        build_regularizers(RegularizerConfig(recipe="regularized"), model_name="mlp", dataset="digits")
+    cfg = from_dict(RegularizerConfig, {"recipe": "regularized", "gamma": 5, "ortho_probes": 4})
+    assert cfg.gamma == 5.0 and cfg.ortho_probes == 4
+
+
+def test_training_step_with_the_regularized_recipe() -> None:
+    torch.manual_seed(0)
+    model = build_model("mnist-mlp", widths=(32,))
+    regs = build_regularizers(RegularizerConfig(recipe="regularized", ortho_probes=2), model_name="mnist-mlp")
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    feats = model.phi(x)
+    logits = model.head(feats)
+    loss = nn.functional.cross_entropy(logits, y) + sum(r(model, feats, logits, y) for r in regs)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
