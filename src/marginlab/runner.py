@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,14 @@ def run_experiment(raw: dict[str, Any], out: str | Path, *, force: bool = False)
     """Validate ``raw``, create the run directory ``out`` and run the experiment to completion."""
     kind, cfg = build_config(raw)
     rd = RunDir.create(out, {"kind": kind, **to_dict(cfg)}, force=force)
-    return _execute(kind, cfg, rd, resume=False)
+    try:
+        return _execute(kind, cfg, rd, resume=False)
+    except BaseException:
+        # A run that failed (or was interrupted) before its first checkpoint has nothing worth
+        # resuming: remove it rather than leave a half-made run directory behind.
+        if not rd.checkpoint.exists() and not rd.finished:
+            shutil.rmtree(rd.path, ignore_errors=True)
+        raise
 
 
 def resume_experiment(path: str | Path) -> Path:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Reproduce the poster's figures on offline data, then write an HTML report.
+#
+#   bash scripts/reproduce.sh            quick presets (CPU-friendly), all stages
+#   bash scripts/reproduce.sh --full     the reference settings (hundreds of epochs: meant for a GPU)
+#   bash scripts/reproduce.sh logreg     only some stages: logreg, mnist-mlp, mnist-cnn, fashion-cnn, compare
+#
+# Results go to results/<config>/ (run directories) and results/report/report.html. Finished runs are
+# skipped and interrupted ones resumed, so the script can simply be run again after an interruption.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+preset=quick
+stages=()
+for arg in "$@"; do
+  case "$arg" in
+    --full) preset=full ;;
+    --quick) preset=quick ;;
+    logreg|mnist-mlp|mnist-cnn|fashion-cnn|compare) stages+=("$arg") ;;
+    *) echo "reproduce.sh: unknown argument '$arg' (see the header of this script)" >&2; exit 2 ;;
+  esac
+done
+[ ${#stages[@]} -gt 0 ] || stages=(logreg mnist-mlp compare)
+
+bash scripts/setup.sh
+. .venv/bin/activate
+mkdir -p results
+
+run_stage() {
+  local config="configs/$1-$preset.toml" out="results/$1-$preset"
+  if [ -f "$out/summary.json" ]; then
+    echo "== $out: finished earlier, kept"
+  elif [ -f "$out/checkpoint.pt" ]; then
+    echo "== $out: resuming"
+    marginlab run --resume "$out"
+  else
+    echo "== $out: running $config"
+    marginlab run "$config" --out "$out" --force
+  fi
+  runs+=("$out")
+}
+
+runs=()
+for stage in "${stages[@]}"; do
+  run_stage "$stage"
+done
+marginlab report "${runs[@]}" --out results/report --title "marginlab: minimum vs average margin ($preset presets)"
+echo "done: open results/report/report.html"
