@@ -1,0 +1,21 @@
+"""Margin estimators behind one interface: ``estimator(model, x, y, p=2) -> signed margins [N]``.
+
+Each estimator says what its number is (:class:`MarginKind`): ``exact-linear`` (exact),
+``first-order`` and ``sampling`` (estimates), ``deepfool``/``ddn``/``fmn``/``fab``/``best`` (upper
+bounds) and ``lipschitz`` (a certified lower bound). See :mod:`marginlab.estimators.base` for the
+sign convention shared by all of them.
+"""
+
+from marginlab.estimators import attacks, exact, first_order, lipschitz, sampling  # noqa: F401  (register)
+from marginlab.estimators.base import ESTIMATORS, Estimator, MarginKind, build_estimator, norm_order
+from marginlab.estimators.best import combine_upper_bounds, estimate_margins
+
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "MarginKind",
+    "build_estimator",
+    "combine_upper_bounds",
+    "estimate_margins",
+    "norm_order",
+]

@@ -1,0 +1,164 @@
+"""The estimator interface: ``(model, x, y, p) -> signed margins [N]`` plus what kind of number it is.
+
+Sign convention (shared by every estimator): the margin of ``(x, y)`` is ``+d`` when the model
+predicts ``y`` and ``-d`` otherwise, where ``d`` is the ``p``-norm distance from ``x`` to the boundary
+of the region where ``y`` wins. The sign is exact (it comes from the prediction); the *kind* of an
+estimator says how its magnitude relates to ``d``: an ``upper bound`` estimator never returns a
+magnitude below ``d``, a ``lower bound`` one never above ``d``. So for correctly classified points
+a lower bound <= the margin <= an upper bound, and for misclassified ones the order flips.
+"""
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import ClassVar, final
+
+import torch
+from torch import nn
+
+from marginlab.errors import ConfigError
+from marginlab.registry import Registry
+
+
+class MarginKind(StrEnum):
+    """What an estimator's number is, relative to the true distance to the boundary."""
+
+    EXACT = "exact"
+    LOWER = "lower bound"
+    UPPER = "upper bound"
+    ESTIMATE = "estimate"
+
+
+ESTIMATORS: Registry[type["Estimator"]] = Registry("estimator")
+
+
+def norm_order(p: float | int | str) -> float:
+    """Parse an attack norm: ``2``, ``"2"``, ``"l2"`` -> 2.0; ``inf``, ``"inf"``, ``"linf"`` -> inf."""
+    text = str(p).strip().lower().removeprefix("l")
+    if text in ("2", "2.0"):
+        return 2.0
+    if text in ("inf", "infinity"):
+        return math.inf
+    raise ConfigError(f"unsupported norm p={p!r}; use 2 or inf")
+
+
+def dual_norm(p: float) -> float:
+    """The dual exponent q of p (1/p + 1/q = 1) for the supported norms."""
+    return 2.0 if p == 2.0 else 1.0
+
+
+def register(name: str) -> Callable[[type["Estimator"]], type["Estimator"]]:
+    """Class decorator: register an estimator class under ``name`` (also sets ``cls.name``)."""
+
+    def deco(cls: type["Estimator"]) -> type["Estimator"]:
+        cls.name = name
+        ESTIMATORS.add(name, cls)
+        return cls
+
+    return deco
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode with frozen parameters, restored afterwards.
+
+    Freezing keeps the estimators' backward passes from computing (and, for libraries that call
+    ``.backward()``, accumulating) parameter gradients, which would corrupt a training step that
+    tracks margins in between.
+    """
+    modes = [(m, m.training) for m in model.modules()]  # per module: mixed modes survive too
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for m, training in modes:
+            m.training = training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@dataclass(kw_only=True)
+class Estimator(ABC):
+    """Base class. Subclasses set ``kind``, ``needs``, ``norms`` and fill :meth:`_estimate`.
+
+    ``needs`` names what the estimator requires of the model beyond ``[N,C,H,W] -> logits [N,K]``:
+    ``"grad"`` (differentiable in x), ``"linear"`` (a linear model), ``"layers"`` (a MarginNet or
+    ``nn.Sequential`` of supported layers). ``batch_size`` points go through :meth:`_estimate` at once.
+    """
+
+    name: ClassVar[str] = "?"
+    kind: ClassVar[MarginKind]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    norms: ClassVar[frozenset[float]] = frozenset({2.0, math.inf})
+
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"{self.name}: batch_size must be >= 1, got {self.batch_size}")
+
+    @final
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p: float | str = 2
+    ) -> torch.Tensor:
+        """Signed margins ``[N]`` (float64, CPU) of images ``x [N,C,H,W]`` in [0, 1] with labels ``y [N]``."""
+        p = norm_order(p)
+        if p not in self.norms:
+            raise ConfigError(f"{self.name} does not support p={p}; supported: {sorted(self.norms)}")
+        _check_inputs(x, y)
+        if len(x) == 0:
+            return torch.empty(0, dtype=torch.float64)
+        device = model_device(model)
+        out: list[torch.Tensor] = []
+        with evaluating(model):
+            self._prepare(model, x[:1].to(device), p)
+            _check_labels(model, x[:1].to(device), y)
+            for start in range(0, len(x), self.batch_size):
+                xb = x[start : start + self.batch_size].to(device)
+                yb = y[start : start + self.batch_size].to(device)
+                out.append(self._estimate(model, xb, yb, p).detach().to("cpu", torch.float64))
+        return torch.cat(out)
+
+    def _prepare(self, model: nn.Module, x1: torch.Tensor, p: float) -> None:  # noqa: B027
+        """Hook run once per call before the batches (e.g. to compute per-model constants)."""
+
+    @abstractmethod
+    def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+        """Signed margins ``[n]`` of one batch ``x [n,C,H,W]``, ``y [n]`` (model in eval mode)."""
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ConfigError(f"inputs must be a float tensor [N,C,H,W], got {x.dtype} of shape {tuple(x.shape)}")
+    if y.ndim != 1 or y.is_floating_point() or len(y) != len(x):
+        raise ConfigError(f"labels must be an integer tensor [N] with N={len(x)}, got shape {tuple(y.shape)}")
+
+
+def _check_labels(model: nn.Module, x1: torch.Tensor, y: torch.Tensor) -> None:
+    with torch.no_grad():
+        k = model(x1).shape[1]
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise ConfigError(f"labels must lie in [0, {k - 1}] for this {k}-class model")
+
+
+def build_estimator(name: str, **params: object) -> Estimator:
+    """Instantiate estimator ``name`` with keyword ``params``; unknown parameters raise ConfigError."""
+    cls = ESTIMATORS.get(name)
+    allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"estimator {name!r} has no parameter {unknown[0]!r}; parameters: {', '.join(allowed)}"
+        )
+    return cls(**params)

@@ -1,0 +1,68 @@
+"""``exact-linear``: the closed-form margin of a multiclass linear model.
+
+``m = min_{k!=y} ((w_y - w_k)·x + b_y - b_k) / ||w_y - w_k||_q`` (``marginlab.linear``). Exact for
+every correctly classified point; for a misclassified one it is the signed value of the same
+formula (exact for two classes; with more classes its magnitude is a lower bound of the distance
+to the region of ``y``, which is a polytope).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from marginlab.errors import ConfigError
+from marginlab.estimators.base import Estimator, MarginKind, register
+
+# Modules that keep a model linear: they only reshape (Dropout is the identity in eval mode).
+_RESHAPES = (nn.Flatten, nn.Identity, nn.Dropout)
+
+
+def _reshape_only(module: nn.Module) -> bool:
+    if isinstance(module, nn.Sequential):
+        return all(_reshape_only(m) for m in module)
+    return isinstance(module, _RESHAPES)
+
+
+def linear_parameters(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(W [K,D], b [K])`` when ``model`` is ``flatten -> Linear``, else ``None``.
+
+    Recognised: a MarginNet whose ``phi`` only reshapes, or an ``nn.Sequential`` of reshapes ending
+    in one ``nn.Linear``.
+    """
+    from marginlab.models import MarginNet  # local import: models does not depend on estimators
+
+    if isinstance(model, MarginNet):
+        phi, head = model.phi, model.head
+    elif isinstance(model, nn.Sequential) and len(model) and isinstance(model[-1], nn.Linear):
+        phi, head = model[:-1], model[-1]
+    else:
+        return None
+    if not _reshape_only(phi):
+        return None
+    bias = head.bias if head.bias is not None else torch.zeros(head.out_features, device=head.weight.device)
+    return head.weight.detach(), bias.detach()
+
+
+@register("exact-linear")
+@dataclass(kw_only=True)
+class ExactLinear(Estimator):
+    """Closed-form margins of a linear model (``ConfigError`` for any other model)."""
+
+    kind = MarginKind.EXACT
+    needs = frozenset({"linear"})
+
+    def _prepare(self, model: nn.Module, x1: torch.Tensor, p: float) -> None:
+        if linear_parameters(model) is None:
+            raise ConfigError(
+                "exact-linear needs a linear model (flatten then one nn.Linear); "
+                "use first-order, lipschitz or an attack for deep models"
+            )
+
+    def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+        from marginlab.linear import linear_margins
+
+        params = linear_parameters(model)
+        assert params is not None  # checked in _prepare
+        weight, bias = params
+        return linear_margins(weight, bias, x.flatten(1), y, p=p, signed=True)
