@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from marginlab.config import from_dict, to_dict
+from marginlab.distributed import is_main_process
 from marginlab.errors import ConfigError, RunDirError
 from marginlab.experiments import get_experiment
 from marginlab.runs import RunDir, read_config
@@ -28,6 +29,8 @@ def build_config(raw: dict[str, Any]) -> tuple[str, Any]:
 def run_experiment(raw: dict[str, Any], out: str | Path, *, force: bool = False) -> Path:
     """Validate ``raw``, create the run directory ``out`` and run the experiment to completion."""
     kind, cfg = build_config(raw)
+    if not is_main_process():  # a torchrun worker: it trains, rank 0 alone creates and writes `out`
+        return _execute_worker(kind, cfg, RunDir(out), resume=False)
     rd = RunDir.create(out, {"kind": kind, **to_dict(cfg)}, force=force)
     try:
         return _execute(kind, cfg, rd, resume=False)
@@ -45,8 +48,16 @@ def resume_experiment(path: str | Path) -> Path:
     if rd.finished:
         raise RunDirError(f"{rd.path} is already finished; nothing to resume")
     kind, cfg = build_config(read_config(rd.path))
+    if not is_main_process():
+        return _execute_worker(kind, cfg, rd, resume=True)
     rd.lock()
     return _execute(kind, cfg, rd, resume=True)
+
+
+def _execute_worker(kind: str, cfg: Any, rd: RunDir, *, resume: bool) -> Path:
+    """Ranks > 0 of a data-parallel run: take part in training, never lock or write the directory."""
+    get_experiment(kind).run(cfg, rd, resume=resume)
+    return rd.path
 
 
 def _execute(kind: str, cfg: Any, rd: RunDir, *, resume: bool) -> Path:

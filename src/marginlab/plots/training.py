@@ -1,0 +1,161 @@
+"""Figures of a ``train`` run, drawn from its files alone (``metrics.jsonl`` and ``margins/*.npz``).
+
+- ``margins.png``: per estimator, the minimum, mean and median (with the 10-90% band) margin vs epoch,
+  train and test: the poster's "min margin rises, average margin falls" panels;
+- ``histograms.png``: margin histograms at several epochs, train and test, on bins shared by all
+  epochs shown so they are comparable (the poster's histogram panels);
+- ``loss_accuracy.png``: training loss and accuracy curves.
+
+The ``draw_*`` helpers take records, so other experiments (the regularizer comparison) can overlay runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marginlab.plots.common import new_figure, save
+from marginlab.runs import read_config, read_metrics
+from marginlab.tracking import SPLITS, load_points, series
+
+SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
+STAT_TITLES = {"min": "minimum margin", "mean": "mean margin", "median": "median margin (10-90% band)"}
+
+
+def plot_training(run_dir: str | Path) -> list[Path]:
+    """Draw every figure of the run into ``run_dir/figures``; returns the files written."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    cfg = read_config(run_dir)
+    title = f"{cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('dataset', '?')}"
+    figures = run_dir / "figures"
+    out = []
+    names = estimator_names(records)
+    if names:
+        out.append(plot_margin_curves(records, names, figures / "margins.png", title))
+    points = load_points(run_dir)
+    if points and names:
+        out.append(plot_histograms(points, names, figures / "histograms.png", title))
+    if any("train_loss_epoch" in r or "test" in r for r in records):
+        out.append(plot_loss_accuracy(records, figures / "loss_accuracy.png", title))
+    return out
+
+
+def estimator_names(records: list[dict[str, Any]]) -> list[str]:
+    """The estimators tracked in ``records``, in the order first seen."""
+    names: list[str] = []
+    for r in records:
+        for split in SPLITS:
+            for name in r.get(split, {}).get("margins", {}):
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def kind_of(records: list[dict[str, Any]], name: str) -> str:
+    for r in records:
+        for split in SPLITS:
+            m = r.get(split, {}).get("margins", {}).get(name)
+            if m is not None:
+                return str(m.get("kind", "?"))
+    return "?"
+
+
+def draw_series(ax: Any, records: list[dict[str, Any]], split: str, name: str, stat: str, **kw: Any) -> None:
+    """One margin statistic vs epoch; ``stat="median"`` also shades the 10-90% quantile band."""
+    epochs, values = series(records, split, name, stat)
+    if not epochs:
+        return
+    (line,) = ax.plot(epochs, values, marker="." if len(epochs) < 30 else None, **kw)
+    if stat == "median":
+        e10, q10 = series(records, split, name, "q10")
+        _, q90 = series(records, split, name, "q90")
+        if e10 == epochs:
+            ax.fill_between(epochs, q10, q90, color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def plot_margin_curves(records: list[dict[str, Any]], names: list[str], path: Path, title: str) -> Path:
+    """Rows: estimators; columns: min, mean, median margin vs epoch; train and test in each panel."""
+    stats = list(STAT_TITLES)
+    fig, axes = new_figure(len(names), len(stats), size=(4.0 * len(stats), 3.0 * len(names)))
+    axes = np.asarray(axes).reshape(len(names), len(stats))
+    for i, name in enumerate(names):
+        for j, stat in enumerate(stats):
+            ax = axes[i, j]
+            for split in SPLITS:
+                draw_series(ax, records, split, name, stat, color=SPLIT_COLORS[split], label=split)
+            ax.set_title(f"{STAT_TITLES[stat]}\n{name} ({kind_of(records, name)})")
+            ax.set_xlabel("epoch")
+            ax.axhline(0.0, color="0.5", linewidth=0.6)
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def pick_epochs(available: list[int], k: int = 4) -> list[int]:
+    """Up to ``k`` epochs spread over ``available`` (skipping the initial epoch 0 when others exist)."""
+    trained = [e for e in sorted(available) if e > 0] or sorted(available)
+    if len(trained) <= k:
+        return trained
+    idx = np.unique(np.round(np.linspace(0, len(trained) - 1, k)).astype(int))
+    return [trained[i] for i in idx]
+
+
+def plot_histograms(points: dict[int, Any], names: list[str], path: Path, title: str) -> Path:
+    """Rows: estimators; columns: train, test; step histograms at a few epochs on shared bins."""
+    epochs = pick_epochs(list(points))
+    fig, axes = new_figure(len(names), len(SPLITS), size=(4.6 * len(SPLITS), 3.0 * len(names)))
+    axes = np.asarray(axes).reshape(len(names), len(SPLITS))
+    cmap = __import__("matplotlib").colormaps["viridis"]
+    for i, name in enumerate(names):
+        for j, split in enumerate(SPLITS):
+            ax = axes[i, j]
+            arrays = {e: points[e][split][name] for e in epochs if name in points[e].get(split, {})}
+            if not arrays:
+                ax.set_visible(False)
+                continue
+            # shared bins over every epoch shown, from robust quantiles so one outlier cannot squash them
+            lo, hi = np.quantile(np.concatenate(list(arrays.values())), [0.005, 0.995])
+            bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+            for c, (e, a) in enumerate(arrays.items()):
+                color = cmap(c / max(len(arrays) - 1, 1))
+                ax.hist(np.clip(a, lo, hi), bins=bins, histtype="step", color=color, label=f"epoch {e}")
+            ax.axvline(0.0, color="0.5", linewidth=0.6)
+            ax.set_title(f"{split}: {name} margin")
+            ax.set_xlabel("margin (clipped to the 0.5-99.5% range)")
+            ax.set_ylabel("points")
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_loss_accuracy(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Loss (left) and accuracy (right) vs epoch: the epoch's running training average and the subsets."""
+    fig, axes = new_figure(1, 2)
+    ax_l, ax_a = np.asarray(axes).ravel()
+    for key, ax, label in (
+        ("train_loss_epoch", ax_l, "train (epoch average)"),
+        ("train_acc_epoch", ax_a, None),
+    ):
+        pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True), color="0.3", linestyle="--", label=label or "train (epoch average)"
+            )
+    for split in SPLITS:
+        for key, ax in (("loss", ax_l), ("acc", ax_a)):
+            pts = [(r["epoch"], r[split][key]) for r in records if split in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=SPLIT_COLORS[split], label=f"{split} (tracked subset)")
+    ax_l.set_yscale("log")
+    for ax, name in ((ax_l, "cross-entropy loss"), (ax_a, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)

@@ -1,0 +1,250 @@
+"""Margin tracking during training: margins of fixed seeded subsets, measured epoch after epoch.
+
+At every tracked epoch (epoch 0 = before any training) the tracker takes the same points of the
+training and test sets, computes each chosen estimator's per-point signed margins (misclassified
+points negative), plus the loss and accuracy on those points, and reduces them to a record::
+
+    {"n": 1000, "loss": 0.21, "acc": 0.94,
+     "margins": {"first-order": {"kind": "estimate", "min": -0.4, "mean": 0.9, "median": ..., "q10": ...,
+                                 "q25": ..., "q75": ..., "q90": ..., "max": ..., "neg_share": 0.06}}}
+
+Per-point margins are also kept compactly (float32 ``.npz``, ``margins/epoch-XXXX.npz``) at chosen epochs,
+so histograms at several epochs can be drawn later from the files alone. Under data parallelism each
+rank measures its contiguous shard of the subset and the shards are gathered on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marginlab.config import check_positive, require
+from marginlab.distributed import DistContext
+from marginlab.fsio import atomic_write_with, to_jsonable
+
+MARGINS_DIR = "margins"
+SPLITS = ("train", "test")
+QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Which margins to track, on how many points, how often.
+
+    ``n_train`` / ``n_test``: size of the fixed seeded subsets (``"all"`` = the whole split).
+    ``p``: the attack norm (2 or "inf"); estimators use its dual for gradients.
+    ``every``: track every k-th epoch (epoch 0, 1 and the last are always tracked).
+    ``save_margins_every``: also keep per-point margins (``.npz``) every k-th tracked epoch
+    (0 = only at epochs 0, 1 and the last). ``params``: per-estimator options, ``{name: {key: value}}``.
+    """
+
+    estimators: tuple[str, ...] = ("first-order",)
+    n_train: int | Literal["all"] = 1000
+    n_test: int | Literal["all"] = 1000
+    p: float | str = 2.0
+    every: int = 1
+    save_margins_every: int = 1
+    batch_size: int = 500
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from marginlab.estimators import ESTIMATORS
+
+        require(len(self.estimators) > 0, "tracking.estimators must name at least one estimator")
+        for name in self.estimators:
+            ESTIMATORS.get(name)  # a typo fails here, before any run directory exists
+        for name in self.params:
+            require(
+                name in self.estimators, f"tracking.params.{name}: {name!r} is not in tracking.estimators"
+            )
+        require(self.p in (2, "inf"), f'tracking.p must be 2 or "inf", got {self.p!r}')
+        for key in ("n_train", "n_test"):
+            n = getattr(self, key)
+            require(n == "all" or (isinstance(n, int) and n > 0), f'tracking.{key} must be > 0 or "all"')
+        check_positive("tracking.every", self.every)
+        check_positive("tracking.save_margins_every", self.save_margins_every, allow_zero=True)
+        check_positive("tracking.batch_size", self.batch_size)
+
+    @property
+    def p_value(self) -> float:
+        return math.inf if self.p == "inf" else float(self.p)
+
+    def tracks(self, epoch: int, last: int) -> bool:
+        return epoch in (0, 1, last) or epoch % self.every == 0
+
+    def saves(self, epoch: int, last: int) -> bool:
+        k = self.save_margins_every
+        return epoch in (0, 1, last) or (k > 0 and epoch % (k * self.every) == 0)
+
+
+def margin_stats(m: torch.Tensor) -> dict[str, float]:
+    """Summary statistics of per-point signed margins ``m`` ``[N]`` (NaN-free input assumed)."""
+    m = m.detach().double().cpu()
+    qs = torch.quantile(m, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    return {
+        "min": float(m.min()),
+        "mean": float(m.mean()),
+        "median": qs[2],
+        "q10": qs[0],
+        "q25": qs[1],
+        "q75": qs[3],
+        "q90": qs[4],
+        "max": float(m.max()),
+        "neg_share": float((m < 0).double().mean()),
+    }
+
+
+def fixed_subset(n_total: int, n: int | str | None, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded subset of size ``n`` of ``range(n_total)`` (all for ``None``/``"all"``)."""
+    if n is None or n == "all" or int(n) >= n_total:
+        return torch.arange(n_total)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=gen)[:n].sort().values
+
+
+@dataclass
+class Measurement:
+    """One tracked epoch: the JSON ``record`` per split and the per-point arrays behind it (full subset)."""
+
+    record: dict[str, Any]
+    points: dict[str, dict[str, np.ndarray]]
+
+
+class MarginTracker:
+    """Measures margins, loss and accuracy on fixed subsets of the train and test sets.
+
+    Args:
+        cfg: what to track.
+        splits: ``{"train": (x [N,C,H,W], y [N]), "test": (...)}``, whole splits; subsets are drawn here.
+        seed: seeds the subset choice and, per epoch, any randomness of the estimators.
+        device: where to compute.
+        dist: data-parallel context; each rank measures its shard.
+    """
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        *,
+        seed: int,
+        device: torch.device,
+        dist: DistContext | None = None,
+    ) -> None:
+        from marginlab.estimators import ESTIMATORS
+
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.dist = dist or DistContext()
+        self.kinds = {
+            n: str(to_jsonable(getattr(ESTIMATORS.get(n), "kind", "unknown"))) for n in cfg.estimators
+        }
+        sizes = {"train": cfg.n_train, "test": cfg.n_test}
+        self.subsets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for i, (split, (x, y)) in enumerate(splits.items()):
+            idx = fixed_subset(len(y), sizes.get(split), seed + 7919 * (i + 1))
+            self.subsets[split] = (idx, x[idx], y[idx])
+
+    def measure(self, model: nn.Module, epoch: int) -> Measurement:
+        """Margins, loss and accuracy of ``model`` on every subset (its train/eval mode is restored)."""
+        was_training = model.training
+        model.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        record: dict[str, Any] = {}
+        points: dict[str, dict[str, np.ndarray]] = {}
+        # Estimators may draw random numbers; a forked, epoch-seeded stream keeps the training RNG
+        # untouched (so tracking never changes training) and makes every measurement reproducible.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 100_003 + epoch)
+            for split, (idx, x, y) in self.subsets.items():
+                record[split], points[split] = self._measure_split(model, x, y)
+                points[split]["index"] = idx.numpy()
+        model.train(was_training)
+        return Measurement(record, points)
+
+    def _measure_split(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        from marginlab.estimators import estimate_margins
+
+        n = len(y)
+        start, stop = self.dist.shard(n)
+        xs, ys = x[start:stop].to(self.device), y[start:stop].to(self.device)
+        loss, correct = self._loss_correct(model, xs, ys)
+        if stop > start:
+            margins = estimate_margins(
+                model, xs, ys, list(self.cfg.estimators), p=self.cfg.p_value,
+                batch_size=self.cfg.batch_size, params=self.cfg.params or None,
+            )  # fmt: skip
+        else:  # an empty shard (fewer points than ranks)
+            margins = {name: xs.new_zeros(0) for name in self.cfg.estimators}
+        loss = self.dist.all_gather_shards(loss.double(), n).cpu()
+        correct = self.dist.all_gather_shards(correct, n).cpu()
+        # estimators return CPU tensors; NCCL gathers only device tensors
+        dev = self.device
+        full = {
+            k: self.dist.all_gather_shards(v.detach().double().to(dev), n).cpu() for k, v in margins.items()
+        }
+        rec: dict[str, Any] = {
+            "n": n,
+            "loss": float(loss.mean()),
+            "acc": float(correct.double().mean()),
+            "margins": {k: {"kind": self.kinds[k], **margin_stats(v)} for k, v in full.items()},
+        }
+        arrays = {k: v.float().numpy() for k, v in full.items()}
+        arrays["y"] = y.numpy()
+        arrays["correct"] = correct.numpy().astype(bool)
+        return rec, arrays
+
+    @torch.no_grad()
+    def _loss_correct(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-point cross-entropy ``[n]`` and correctness ``[n]`` (int64) on this rank's shard."""
+        losses, correct = [], []
+        for i in range(0, len(y), self.cfg.batch_size):
+            logits = model(x[i : i + self.cfg.batch_size])
+            yb = y[i : i + self.cfg.batch_size]
+            losses.append(F.cross_entropy(logits, yb, reduction="none"))
+            correct.append((logits.argmax(1) == yb).long())
+        if not losses:
+            return x.new_zeros(0), y.new_zeros(0)
+        return torch.cat(losses), torch.cat(correct)
+
+
+def save_points(run_dir: str | Path, epoch: int, points: dict[str, dict[str, np.ndarray]]) -> Path:
+    """Write per-point arrays as ``margins/epoch-XXXX.npz`` with keys ``"<split>/<name>"`` (atomic)."""
+    path = Path(run_dir) / MARGINS_DIR / f"epoch-{epoch:04d}.npz"
+    flat = {f"{split}/{k}": v for split, d in points.items() for k, v in d.items()}
+    atomic_write_with(path, lambda f: np.savez_compressed(f, **flat))
+    return path
+
+
+def load_points(run_dir: str | Path) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+    """Every saved ``epoch -> split -> name -> array`` of a run directory (empty if none)."""
+    out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    for path in sorted((Path(run_dir) / MARGINS_DIR).glob("epoch-*.npz")):
+        epoch = int(path.stem.split("-")[1])
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                split, name = key.split("/", 1)
+                out.setdefault(epoch, {}).setdefault(split, {})[name] = z[key]
+    return out
+
+
+def series(
+    records: list[dict[str, Any]], split: str, estimator: str, stat: str
+) -> tuple[list[int], list[float]]:
+    """``(epochs, values)`` of one margin statistic over the tracked epochs of ``records``."""
+    epochs, values = [], []
+    for r in records:
+        m = r.get(split, {}).get("margins", {}).get(estimator)
+        if m is not None and m.get(stat) is not None:
+            epochs.append(int(r["epoch"]))
+            values.append(float(m[stat]))
+    return epochs, values

@@ -1,0 +1,94 @@
+"""Margin trends of a run: did the minimum margin rise and the mean margin fall, and where not?
+
+Computed from the metric records (and, for the share of points pushed toward the boundary, from the
+per-point margins kept in ``margins/*.npz``), so a summary can be rebuilt from the run's files alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marginlab.tracking import SPLITS, load_points, series
+
+DEFINITIONS = {
+    "init": "epoch 0: the randomly initialised model, before any training",
+    "first": "the first tracked epoch after training started (epoch 1): the baseline of the trends",
+    "min_margin_rises": "min margin at the last epoch > min margin at 'first' (signed: all points)",
+    "mean_margin_falls": "mean margin at the last epoch < mean margin at 'first'",
+    "mean_margin_falls_after_peak": "mean margin at the last epoch < its peak over the epochs >= 1",
+    "share_closer": "share of the tracked points whose margin at the last epoch is below that at 'first' "
+    "(from the saved per-point margins)",
+}
+
+
+def margin_trends(
+    records: list[dict[str, Any]], run_dir: str | Path | None, estimators: tuple[str, ...] | list[str]
+) -> dict[str, Any]:
+    """Per estimator and split: first / peak / last min and mean margins and whether the trends hold.
+
+    Returns ``{"margins": {name: {"kind", "train": {...}, "test": {...}}}, "findings": [str],
+    "definitions": {...}}``; ``findings`` states each trend in words, including where it does not hold.
+    """
+    points = load_points(run_dir) if run_dir is not None else {}
+    margins: dict[str, Any] = {}
+    findings: list[str] = []
+    for name in estimators:
+        entry: dict[str, Any] = {}
+        for split in SPLITS:
+            ep, mins = series(records, split, name, "min")
+            _, means = series(records, split, name, "mean")
+            trained = [i for i, e in enumerate(ep) if e >= 1]
+            if not trained:
+                continue
+            entry.setdefault("kind", _kind(records, split, name))
+            i0, i1 = trained[0], trained[-1]
+            ipk = max(trained, key=lambda i: means[i])
+            t = {
+                "init": {"epoch": ep[0], "min": mins[0], "mean": means[0]} if ep[0] == 0 else None,
+                "first": {"epoch": ep[i0], "min": mins[i0], "mean": means[i0]},
+                "peak_mean": {"epoch": ep[ipk], "mean": means[ipk]},
+                "last": {"epoch": ep[i1], "min": mins[i1], "mean": means[i1]},
+                "min_margin_rises": mins[i1] > mins[i0],
+                "mean_margin_falls": means[i1] < means[i0],
+                "mean_margin_falls_after_peak": means[i1] < means[ipk],
+                "share_closer": _share_closer(points, split, name, ep[i0], ep[i1]),
+            }
+            entry[split] = t
+            findings.append(_finding(name, entry["kind"], split, t))
+        margins[name] = entry
+    return {"margins": margins, "findings": findings, "definitions": DEFINITIONS}
+
+
+def _kind(records: list[dict[str, Any]], split: str, name: str) -> str:
+    for r in records:
+        m = r.get(split, {}).get("margins", {}).get(name)
+        if m is not None:
+            return str(m.get("kind", "unknown"))
+    return "unknown"
+
+
+def _share_closer(points: dict[int, Any], split: str, name: str, e0: int, e1: int) -> float | None:
+    try:
+        a, b = points[e0][split][name], points[e1][split][name]
+    except KeyError:
+        return None
+    return float(np.mean(b < a)) if e1 > e0 and len(a) == len(b) and len(a) else None
+
+
+def _finding(name: str, kind: str, split: str, t: dict[str, Any]) -> str:
+    f, last, pk = t["first"], t["last"], t["peak_mean"]
+    rises = "rises" if t["min_margin_rises"] else "does NOT rise"
+    falls = "falls" if t["mean_margin_falls"] else "does NOT fall"
+    text = (
+        f"{name} ({kind}), {split}: min margin {rises} ({f['min']:.4g} -> {last['min']:.4g}), "
+        f"mean margin {falls} ({f['mean']:.4g} -> {last['mean']:.4g}) "
+        f"over epochs {f['epoch']}->{last['epoch']}"
+    )
+    if not t["mean_margin_falls"] and t["mean_margin_falls_after_peak"]:
+        text += f"; it peaked at epoch {pk['epoch']} ({pk['mean']:.4g}) and fell after"
+    if t["share_closer"] is not None:
+        text += f"; {100 * t['share_closer']:.0f}% of the points moved closer to the boundary"
+    return text
