@@ -11,13 +11,8 @@ import torch
 
 from marginlab.errors import ConfigError
 from marginlab.experiments import logreg_gd
-from marginlab.experiments.logreg_gd import (
-    Config,
-    LogisticGD,
-    record_epochs,
-    smoothness_constant,
-    snapshot_epochs,
-)
+from marginlab.experiments.logreg_gd import Config, record_epochs, snapshot_epochs
+from marginlab.logistic import LogisticGD, smoothness_constant
 from marginlab.runner import resume_experiment, run_experiment
 
 

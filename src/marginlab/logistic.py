@@ -1,0 +1,71 @@
+"""Binary logistic regression trained by full-batch gradient descent with a provably safe constant step.
+
+This is the setting of Theorem 1 (Soudry et al. 2018): on linearly separable data, GD on the logistic
+loss with a constant step below 2/L converges in direction to the hard-margin SVM (with a bias, the SVM
+whose bias is penalised like a weight). Everything is float64: late in training the margins are tiny
+differences of large logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def smoothness_constant(x: torch.Tensor) -> float:
+    """L of the mean logistic loss of (w, b) on ``x`` [N, D]: ``λ_max(X̃ᵀX̃) / (4N)``, X̃ = [X, 1].
+
+    The Hessian is ``X̃ᵀ diag(σ(1-σ)) X̃ / N`` and σ(1-σ) <= 1/4 (equality at w = 0), so this is the exact
+    smoothness constant. λ_max comes from the smaller of the two Gram matrices (same nonzero spectrum).
+    """
+    n = x.shape[0]
+    xt = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], 1).double()
+    gram = xt.T @ xt if xt.shape[1] <= n else xt @ xt.T
+    return float(torch.linalg.eigvalsh(gram)[-1]) / (4 * n)
+
+
+class LogisticGD:
+    """Full-batch GD on ``mean_i log(1 + exp(-y_i (w·x_i + b)))`` with step ``eta = step_fraction · 2/L``.
+
+    Args:
+        x: training inputs [N, D]; y: labels ±1 [N]; w0 [D], b0: the starting point.
+
+    Pixels that are zero in every training image get a zero gradient forever, so GD runs on the other
+    ("active") columns only and those weights keep their initial value: exact, and ~20% faster on MNIST.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w0: torch.Tensor,
+        b0: float,
+        *,
+        step_fraction: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        x = x.to(device, torch.float64)
+        y = y.to(device, torch.float64)
+        self.L = smoothness_constant(x)
+        self.eta = step_fraction * 2.0 / self.L
+        self.active = (x != 0).any(0)  # [D] bool
+        ones = torch.ones(len(y), 1, dtype=torch.float64, device=device)
+        self._z = torch.cat([x[:, self.active], ones], 1) * y[:, None]  # [N, A+1]: rows y_i · [x_i, 1]
+        self._zt = self._z.T.contiguous()  # row-major copy: the transposed mat-vec runs ~20% faster
+        self._w0 = w0.to(device, torch.float64).clone()
+        self._v = torch.cat([self._w0[self.active], torch.tensor([b0], dtype=torch.float64, device=device)])
+        self._scale = self.eta / len(y)
+
+    def step(self, n: int = 1) -> None:
+        """Take ``n`` GD steps: ``v += eta/N · Zᵀ σ(-Z v)`` (minus the gradient of the mean loss)."""
+        for _ in range(n):
+            s = torch.sigmoid(-(self._z @ self._v))  # [N]
+            self._v.add_(self._zt @ s, alpha=self._scale)
+
+    def loss(self) -> float:
+        return float(torch.nn.functional.softplus(-(self._z @ self._v)).mean())
+
+    def weights(self) -> tuple[torch.Tensor, float]:
+        """The current (w [D], b) as a fresh float64 tensor and a float."""
+        w = self._w0.clone()
+        w[self.active] = self._v[:-1]
+        return w, float(self._v[-1])
