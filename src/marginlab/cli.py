@@ -16,7 +16,7 @@ from marginlab import __version__
 from marginlab.errors import MarginlabError
 
 # Sub-commands, each a module in marginlab.commands with ``register(subparsers)``.
-COMMANDS = ["run", "plot", "data", "report", "sweep"]
+COMMANDS = ["run", "plot", "data", "report", "sweep", "robustness", "margins"]
 
 
 class _Parser(argparse.ArgumentParser):

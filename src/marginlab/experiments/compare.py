@@ -1,0 +1,312 @@
+"""Experiment ``compare``: the reference's three recipes side by side, trained with the same seeds.
+
+For every base experiment (a ``train`` preset, e.g. ``mnist-mlp-quick``) and every recipe (``standard``,
+``constraint``, ``regularized``) and seed, one complete ``train`` sub-run is made inside the compare run
+directory, ``runs/<base>/<recipe>-seed<k>/`` (finished ones are skipped on ``--resume``, unfinished ones
+resumed from their checkpoint). Each trained model is then evaluated on a fixed seeded subset of test
+points (:func:`marginlab.evaluation.evaluate_robustness`: a min-norm bound, PGD, then AutoAttack) into the
+sub-run's ``robustness.json``. Finally ``table.csv``/``table.md``/``sweep.csv`` and a summary that says per
+base whether ``regularized`` beats ``standard`` on mean margin and on robust accuracy, either way.
+
+The resolved base configs (preset file + overrides) are embedded in ``config.json``, so a compare run can
+be resumed or reproduced even after the preset files change.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from marginlab.config import check_positive, load_toml, require
+from marginlab.errors import ConfigError, RunDirError
+from marginlab.regularizers import RECIPES
+from marginlab.runs import CONFIG, SUMMARY, RunDir
+
+log = logging.getLogger(__name__)
+
+ROBUSTNESS_FILE = "robustness.json"
+CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"  # the project's presets (source checkout)
+# Reference L2 radii (DESIGN.md §2). MNIST-LR has none in the reference; 1.0 (as the MNIST-MLP) is ours.
+REFERENCE_EPS = {"mnist-lr": 1.0, "mnist-mlp": 1.0, "mnist-cnn": 2.0, "cifar-cnn": 0.4}
+# Regularizer keys that only make sense for recipes with that term (a base may set them once for all).
+_TERM_OF_KEY = {
+    "lam": "average-margin",
+    "gamma": "average-margin",
+    "normalized": "average-margin",
+    "beta": "orthogonality",
+    "ortho_layers": "orthogonality",
+    "ortho_every": "orthogonality",
+    "ortho_probes": "orthogonality",
+}
+
+
+def find_preset(preset: str) -> Path:
+    """A preset file: a path as given, else ``configs/<preset>.toml`` of the project."""
+    for path in (Path(preset), CONFIGS_DIR / preset, CONFIGS_DIR / f"{preset}.toml"):
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"preset {preset!r} not found (as a path or in {CONFIGS_DIR}); give a train config file"
+    )
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """One base experiment. ``preset``: a ``train`` config file or preset name; ``overrides``: dotted keys
+    applied to it (``{"train.epochs" = 5}``); ``eps``: the reference radius (``None``: by model name);
+    ``config``: the resolved ``train`` config, filled from the preset when loading and kept in config.json.
+    A ``[regularizer]`` table in the base applies to every recipe that has the term (e.g. ``gamma``)."""
+
+    name: str
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    eps: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(
+            bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)),
+            f"base name {self.name!r} must be a plain directory name (letters, digits, . _ -)",
+        )
+        if not self.config:
+            require(self.preset is not None, f"base {self.name!r} needs a preset (a train config file)")
+            raw = merge_overrides(load_toml(find_preset(str(self.preset))), self.overrides)
+            object.__setattr__(self, "config", raw)
+        require(
+            self.config.get("kind") == "train", f'base {self.name!r}: its config must have kind = "train"'
+        )
+        check_positive(f"bases.{self.name}.eps", self.eps)
+        if self.eps is None and self.model_name not in REFERENCE_EPS:
+            raise ConfigError(f"base {self.name!r}: no reference eps for model {self.model_name!r}; set eps")
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config.get("model", {}).get("name", "mnist-mlp"))
+
+    @property
+    def reference_eps(self) -> float:
+        return self.eps if self.eps is not None else REFERENCE_EPS[self.model_name]
+
+
+def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``overrides`` applied: dotted keys (``"train.epochs"``) and nested
+    tables are both accepted; tables merge into tables, anything else replaces the value."""
+    out = copy.deepcopy(config)
+    for key, value in overrides.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = merge_overrides(node[leaf], value)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return out
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """How every trained model is attacked (DESIGN.md §2). ``n`` test points drawn with ``seed``;
+    ``sweep``: radii as multiples of each base's reference eps; ``autoattack_at``: AutoAttack at the
+    reference eps only (cheaper) or at every radius. ``bound``: the min-norm pre-pass (``"none"``: none),
+    with ``bound_params`` (e.g. ``{steps = 50}``). PGD: ``steps`` of ``step_size`` (the reference: 1000 of
+    0.01), or of ``step_size_rel`` times the base's reference eps when that is set."""
+
+    n: int = 500
+    seed: int = 0
+    norm: Literal["L2", "Linf"] = "L2"
+    bound: str | None = "ddn"
+    attacks: tuple[str, ...] = ("pgd", "autoattack")
+    steps: int = 1000
+    step_size: float = 0.01
+    step_size_rel: float | None = None
+    bound_params: dict[str, Any] = field(default_factory=dict)
+    sweep: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    autoattack_at: Literal["reference", "all"] = "all"
+    aa_version: Literal["standard", "plus", "custom"] = "standard"
+    aa_attacks: tuple[str, ...] = ()
+    aa_iters: int | None = None
+    batch_size: int = 256
+    tol: float = 0.02
+
+    def __post_init__(self) -> None:
+        from marginlab.robustness.attacks import ATTACKS, AttackSettings
+
+        check_positive("robustness.n", self.n)
+        require(bool(self.attacks), "robustness.attacks must name at least one attack")
+        for name in self.attacks:
+            ATTACKS.get(name)
+        require(
+            all(f > 0 for f in self.sweep), "robustness.sweep holds positive multiples of the reference eps"
+        )
+        AttackSettings(
+            norm=self.norm,
+            steps=self.steps,
+            step_size=self.step_size,
+            batch_size=self.batch_size,
+            aa_version=self.aa_version,
+            aa_attacks=self.aa_attacks or None,
+            aa_iters=self.aa_iters,
+        )
+        if self.bound == "none":  # TOML has no null
+            object.__setattr__(self, "bound", None)
+        if self.bound is not None:
+            from marginlab.estimators import ESTIMATORS, MarginKind
+
+            est = ESTIMATORS.get(self.bound)
+            require(est.kind is MarginKind.UPPER, f"robustness.bound {self.bound!r} is not a min-norm attack")
+            p = 2.0 if self.norm == "L2" else math.inf
+            require(p in est.norms, f"robustness.bound {self.bound!r} does not support the {self.norm} norm")
+
+    def eps_for(self, reference: float) -> list[float]:
+        """The radii evaluated for a base: the reference eps and the sweep (rounded to 6 digits)."""
+        return sorted({round(reference * f, 6) for f in (*self.sweep, 1.0)})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The ``compare`` experiment: bases × recipes × seeds, then robustness of every trained model."""
+
+    bases: tuple[BaseConfig, ...] = ()
+    recipes: tuple[str, ...] = ("standard", "constraint", "regularized")
+    seeds: tuple[int, ...] = (0,)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(self.bases), "compare needs at least one [[bases]] entry (a train preset)")
+        names = [b.name for b in self.bases]
+        require(len(set(names)) == len(names), f"base names must be distinct, got {names}")
+        require(
+            bool(self.recipes) and len(set(self.recipes)) == len(self.recipes), "recipes must be distinct"
+        )
+        for r in self.recipes:
+            require(r in RECIPES, f"unknown recipe {r!r}; choose from: {', '.join(RECIPES)}")
+        for base in self.bases:
+            for r in self.recipes:
+                subrun_config(base, r, self.seeds[0])  # each must build (e.g. gamma known) before training
+        require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds must be distinct")
+
+
+def subrun_config(base: BaseConfig, recipe: str, seed: int) -> dict[str, Any]:
+    """The ``train`` config of one sub-run: the base with ``seed`` and ``recipe`` (validated)."""
+    from marginlab.runner import build_config
+
+    raw = copy.deepcopy(base.config)
+    shared = raw.get("regularizer", {})
+    terms = RECIPES[recipe]
+    reg = {
+        k: v
+        for k, v in shared.items()
+        if k != "recipe" and _TERM_OF_KEY.get(k, terms[0] if terms else "") in terms or k == "seed"
+    }
+    raw["regularizer"] = {**reg, "recipe": recipe}
+    raw["seed"] = seed
+    try:
+        build_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"base {base.name!r}, recipe {recipe!r}: {e}") from None
+    return raw
+
+
+def subrun_dir(run_dir: str | Path, base: str, recipe: str, seed: int) -> Path:
+    return Path(run_dir) / "runs" / base / f"{recipe}-seed{seed}"
+
+
+def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
+    """Train every sub-run, evaluate its robustness, write the tables; return the summary."""
+    from marginlab.experiments.compare_tables import summarize, write_tables
+
+    for base in cfg.bases:
+        for recipe in cfg.recipes:
+            for seed in cfg.seeds:
+                path = subrun_dir(rd.path, base.name, recipe, seed)
+                train_subrun(subrun_config(base, recipe, seed), path)
+                evaluate_subrun(path, base, cfg.robustness)
+    write_tables(cfg, rd.path)
+    return summarize(cfg, rd.path)
+
+
+def train_subrun(raw: dict[str, Any], path: Path) -> str:
+    """Run (``"new"``), resume (``"resume"``) or skip (``"skip"``, finished) one ``train`` sub-run."""
+    from marginlab.config import to_dict
+    from marginlab.runner import build_config, resume_experiment, run_experiment
+    from marginlab.runs import read_config
+
+    kind, tcfg = build_config(raw)
+    expected = {"kind": kind, **to_dict(tcfg)}
+    if (path / CONFIG).is_file():
+        if read_config(path) != expected:
+            raise RunDirError(f"{path} holds a different config than this comparison asks for; move it aside")
+        if (path / SUMMARY).is_file():
+            log.info("skipping finished sub-run %s", path)
+            return "skip"
+        log.info("resuming sub-run %s", path)
+        resume_experiment(path)
+        return "resume"
+    log.info("training sub-run %s", path)
+    # a directory without config.json never got past its creation: nothing in it to keep
+    run_experiment(raw, path, force=path.exists())
+    return "new"
+
+
+def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> dict[str, Any]:
+    """Robustness of a finished sub-run's model on the fixed test subset into ``robustness.json``."""
+    from marginlab.evaluation import evaluate_robustness, load_eval_data, load_model
+    from marginlab.experiments.deep import WEIGHTS
+    from marginlab.fsio import atomic_write_json, read_json
+    from marginlab.runs import read_config
+
+    out = path / ROBUSTNESS_FILE
+    if out.is_file():
+        return read_json(out)
+    tcfg = read_config(path)
+    data = tcfg.get("data", {})
+    test, _ = load_eval_data(
+        data.get("dataset", "mnist"), "test", n=rc.n, seed=rc.seed, data_dir=data.get("data_dir")
+    )
+    model_cfg = tcfg.get("model", {})
+    model = load_model(
+        model_cfg.get("name", "mnist-mlp"),
+        path / WEIGHTS,
+        num_classes=test.num_classes,
+        input_shape=test.input_shape,
+        options=model_cfg.get("options"),
+    )
+    ref = base.reference_eps
+    log.info("evaluating robustness of %s at eps %s", path, rc.eps_for(ref))
+    result = evaluate_robustness(
+        model,
+        test.x,
+        test.y,
+        rc.eps_for(ref),
+        norm=rc.norm,
+        attacks=rc.attacks,
+        bound=rc.bound,
+        steps=rc.steps,
+        step_size=rc.step_size if rc.step_size_rel is None else rc.step_size_rel * ref,
+        seed=rc.seed,
+        batch_size=rc.batch_size,
+        aa_version=rc.aa_version,
+        aa_attacks=rc.aa_attacks or None,
+        aa_iters=rc.aa_iters,
+        aa_eps=[ref] if rc.autoattack_at == "reference" else None,
+        tol=rc.tol,
+        bound_params=rc.bound_params or None,
+    )
+    result["reference_eps"] = ref
+    atomic_write_json(out, result)
+    return result
+
+
+def plot(run_dir: Path) -> list[Path]:
+    """Redraw the comparison's figures from its files (see :mod:`marginlab.plots.compare`)."""
+    from marginlab.plots.compare import plot_compare
+
+    return plot_compare(run_dir)

@@ -1,0 +1,297 @@
+"""Tables and summary of a ``compare`` run, from its sub-runs' ``summary.json`` and ``robustness.json`` only.
+
+- ``table.csv``: one row per base × recipe (seed-averaged): clean accuracy, last-epoch min/mean margins,
+  robust accuracy at the reference eps (bound share, the first attack's own figure, AutoAttack, worst
+  case) and the sweep as ``;``-joined columns;
+- ``sweep.csv``: the same robustness numbers, one row per base × recipe × eps;
+- ``table.md``: the notes on how the numbers were obtained, the headline table, per-base sweep tables
+  and every sanity-check warning;
+- :func:`summarize`: per base, each recipe against ``standard`` and findings in words, either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from marginlab.experiments.compare import ROBUSTNESS_FILE, subrun_dir
+
+if TYPE_CHECKING:
+    from marginlab.experiments.compare import Config
+
+
+def _at(res: dict[str, Any], key: str, eps: float, attack: str | None = None) -> float | None:
+    """A robustness figure of ``res`` at radius ``eps`` (None where it was not evaluated)."""
+    values = res.get(key) if attack is None else (res.get(key) or {}).get(attack)
+    for e, v in zip(res.get("eps", []), values or [], strict=False):
+        if abs(e - eps) <= 1e-9 * max(1.0, eps):
+            return v
+    return None
+
+
+def _key(what: str, eps: float) -> str:
+    """The column of ``what`` (an attack, ``bound`` or ``worst``) at radius ``eps``: ``"pgd@1.5"``."""
+    return f"{what}@{eps:g}"
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def seed_metrics(path: Path) -> dict[str, Any]:
+    """The numbers of one sub-run: clean accuracy, last-epoch margins, robustness at every radius."""
+    from marginlab.fsio import read_json
+    from marginlab.runs import read_config, read_summary
+
+    s, tcfg, res = read_summary(path), read_config(path), read_json(path / ROBUSTNESS_FILE)
+    est = tcfg["tracking"]["estimators"][0]
+    margins = s.get("margins", {}).get(est, {})
+    out: dict[str, Any] = {
+        "epochs": s.get("epochs"),
+        "lr": s.get("lr"),
+        "margin_estimator": est,
+        "clean_acc": s.get("clean_accuracy", {}).get("test"),
+    }
+    for split in ("train", "test"):
+        last = margins.get(split, {}).get("last", {})
+        out[f"{split}_min_margin"], out[f"{split}_mean_margin"] = last.get("min"), last.get("mean")
+    first = res["settings"]["attacks"][0]
+    for e in res["eps"]:
+        out[f"bound@{e:g}"] = _at(res, "bound_share", e)
+        for a in res["settings"]["attacks"]:
+            out[f"{a}@{e:g}"] = _at(res, "accuracy", e, a)
+        out[f"worst@{e:g}"] = _at(res, "worst_case", e)
+    out["first_attack"], out["eps"], out["n_points"] = first, res["eps"], res["n"]
+    out["warnings"] = res.get("warnings", [])
+    return out
+
+
+# the same in every seed of a base × recipe: taken from the first seed, not averaged
+_SHARED = ("epochs", "lr", "n_points", "eps", "warnings", "margin_estimator", "first_attack")
+
+
+def collect(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
+    """One row per base × recipe: seed-averaged metrics, with the radii and warnings of its sub-runs."""
+    rows = []
+    for base in cfg.bases:
+        for recipe in cfg.recipes:
+            per_seed = [seed_metrics(subrun_dir(run_dir, base.name, recipe, k)) for k in cfg.seeds]
+            keys = [k for k in per_seed[0] if k not in _SHARED]
+            row: dict[str, Any] = {
+                "base": base.name,
+                "model": base.model_name,
+                "recipe": recipe,
+                "dataset": base.config.get("data", {}).get("dataset"),
+                "seeds": len(cfg.seeds),
+                "eps_ref": base.reference_eps,
+            }
+            row.update({k: _mean([m.get(k) for m in per_seed]) for k in keys})
+            row.update({k: per_seed[0][k] for k in _SHARED if k != "warnings"})
+            row["warnings"] = sorted({w for m in per_seed for w in m["warnings"]})
+            rows.append(row)
+    return rows
+
+
+HEADLINE = [
+    "base",
+    "model",
+    "dataset",
+    "recipe",
+    "seeds",
+    "epochs",
+    "lr",
+    "clean_acc",
+    "margin_estimator",
+    "train_min_margin",
+    "train_mean_margin",
+    "test_min_margin",
+    "test_mean_margin",
+    "eps_ref",
+    "bound@ref",
+    "pgd@ref",
+    "autoattack@ref",
+    "worst@ref",
+]
+
+
+def _headline(row: dict[str, Any]) -> list[Any]:
+    ref = f"{row['eps_ref']:g}"
+    vals = {k: row.get(k.replace("@ref", f"@{ref}")) for k in HEADLINE}
+    sweep = [row.get(f"worst@{e:g}") for e in row["eps"]]
+    first = [row.get(f"{row['first_attack']}@{e:g}") for e in row["eps"]]
+    return [vals[k] for k in HEADLINE] + [
+        ";".join(f"{e:g}" for e in row["eps"]),
+        ";".join(_fmt(v) for v in first),
+        ";".join(_fmt(v) for v in sweep),
+    ]
+
+
+def _fmt(v: Any) -> str:
+    from marginlab.report.tables import format_cell
+
+    return format_cell(v)
+
+
+def write_tables(cfg: Config, run_dir: Path) -> None:
+    """``table.csv`` (one row per base × recipe), ``sweep.csv`` (tidy, per radius) and ``table.md``."""
+    from marginlab.fsio import atomic_write_text
+    from marginlab.report.tables import csv_text, markdown_table
+
+    rows = collect(cfg, run_dir)
+    header = [*HEADLINE, "sweep_eps", f"sweep_{cfg.robustness.attacks[0]}", "sweep_worst"]
+    atomic_write_text(run_dir / "table.csv", csv_text(header, [_headline(r) for r in rows]))
+    tidy = [
+        [
+            r["base"],
+            r["recipe"],
+            e,
+            r.get(f"bound@{e:g}"),
+            r.get(f"pgd@{e:g}"),
+            r.get(f"autoattack@{e:g}"),
+            r.get(f"worst@{e:g}"),
+        ]
+        for r in rows
+        for e in r["eps"]
+    ]
+    atomic_write_text(
+        run_dir / "sweep.csv",
+        csv_text(["base", "recipe", "eps", "bound", "pgd", "autoattack", "worst"], tidy),
+    )
+    md = [
+        f"# Regularizer comparison\n\n{_notes(cfg)}\n",
+        "## Headline (reference eps)\n",
+        markdown_table(HEADLINE, [[_fmt(v) for v in _headline(r)[: len(HEADLINE)]] for r in rows]),
+    ]
+    for base in cfg.bases:
+        mine = [r for r in rows if r["base"] == base.name]
+        eps = mine[0]["eps"]
+        md += [
+            f"\n## {base.name}: robust accuracy vs eps (first attack alone / worst case)\n",
+            markdown_table(
+                ["recipe", *[f"eps={e:g}" for e in eps]],
+                [
+                    [
+                        r["recipe"],
+                        *[
+                            f"{_fmt(r.get(_key(r['first_attack'], e)))} / {_fmt(r.get(_key('worst', e)))}"
+                            for e in eps
+                        ],
+                    ]
+                    for r in mine
+                ],
+            ),
+        ]
+        warns = [f"- {r['recipe']}: {w}" for r in mine for w in r["warnings"]]
+        md += ["\nWarnings:\n\n" + "\n".join(warns) + "\n"] if warns else []
+    atomic_write_text(run_dir / "table.md", "\n".join(md))
+
+
+def _notes(cfg: Config) -> str:
+    """How the numbers were obtained, in words (the top of ``table.md`` and the summary's ``notes``)."""
+    rc = cfg.robustness
+    step = f"{rc.step_size_rel:g} x eps_ref" if rc.step_size_rel is not None else f"{rc.step_size:g}"
+    aa = rc.aa_version + (f" ({', '.join(rc.aa_attacks)})" if rc.aa_attacks else "")
+    aa += f", {rc.aa_iters} iterations" if rc.aa_iters else ""
+    where = "the reference eps" if rc.autoattack_at == "reference" else "every eps"
+    attacks = {
+        "pgd": f"PGD ({rc.steps} steps of {step} with random start; the reference: 1000 steps of 0.01)",
+        "autoattack": f"AutoAttack {aa} at {where}",
+    }
+    first, *later = rc.attacks
+    return " ".join(
+        [
+            f"{rc.n} fixed test points (seed {rc.seed}), {rc.norm} norm.",
+            f"`bound`: share of points whose {rc.bound} margin upper bound (min-norm attack) exceeds eps."
+            if rc.bound
+            else "No min-norm bound.",
+            f"`{first}`: {attacks[first]} on every clean-correct point (its own figure).",
+            *[f"`{a}`: {attacks[a]}, only on the points still robust." for a in later],
+            "`worst`: the reported robust accuracy (survived every evaluation).",
+            "Margins: the last epoch's tracked estimate, min and mean over the tracked subsets.",
+            f"Seeds {list(cfg.seeds)}, numbers averaged over seeds.",
+        ]
+    )
+
+
+def _versus(std: dict[str, Any], other: dict[str, Any], n: int) -> dict[str, Any]:
+    """``other`` recipe against ``standard``: test mean margin and robust accuracy at the reference eps
+    (worst case, the first attack alone, and the mean over the sweep), with a 2-SE sampling-noise level."""
+    ref = f"{std['eps_ref']:g}"
+    keys = {
+        "mean_margin": "test_mean_margin",
+        "robust_accuracy": f"worst@{ref}",
+        "robust_accuracy_first_attack": f"{std['first_attack']}@{ref}",
+    }
+    out: dict[str, Any] = {}
+    for name, key in keys.items():
+        a, b = std.get(key), other.get(key)
+        out[name] = {"standard": a, other["recipe"]: b, "higher": None if None in (a, b) else b > a}
+        if name != "mean_margin" and None not in (a, b):
+            # two independent proportions on n points (per seed): SE of the difference
+            # (k + 1) / (n + 2) keeps the noise level above zero when an accuracy is 0 or 1
+            m = max(n * std["seeds"], 1)
+            pa, pb = (a * m + 1) / (m + 2), (b * m + 1) / (m + 2)
+            se = ((pa * (1 - pa) + pb * (1 - pb)) / m) ** 0.5
+            out[name].update(delta=b - a, noise_2se=2 * se, beyond_noise=abs(b - a) > 2 * se)
+    sweep = [(std.get(f"worst@{e:g}"), other.get(f"worst@{e:g}")) for e in std["eps"]]
+    out["robust_accuracy_sweep_mean"] = {
+        "standard": _mean([a for a, _ in sweep]),
+        other["recipe"]: _mean([b for _, b in sweep]),
+    }
+    ra = out["robust_accuracy"]
+    out["beats_standard"] = {
+        "mean_margin": bool(out["mean_margin"]["higher"]),
+        "robust_accuracy": bool(ra.get("higher") and ra.get("beyond_noise")),
+    }
+    return out
+
+
+def _finding(base: str, recipe: str, v: dict[str, Any], est: str, ref: float) -> str:
+    mm, ra = v["mean_margin"], v["robust_accuracy"]
+    if None in (mm["standard"], mm[recipe], ra["standard"], ra[recipe]):
+        return f"{base}: {recipe} vs standard could not be compared (missing numbers)"
+    margin = "raises" if mm["higher"] else "does NOT raise"
+    robust = "improves" if ra["higher"] else "does NOT improve"
+    noise = "beyond" if ra["beyond_noise"] else "within"
+    return (
+        f"{base}: {recipe} {margin} the test mean margin ({est}: {mm['standard']:.3g} -> {mm[recipe]:.3g}) "
+        f"and {robust} the worst-case robust accuracy at eps={ref:g} ({ra['standard']:.1%} -> "
+        f"{ra[recipe]:.1%}, {noise} sampling noise of {ra['noise_2se']:.1%})"
+    )
+
+
+def summarize(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Per base: the seed-averaged numbers of every recipe, each recipe against ``standard``, and findings
+    that say in words whether ``regularized`` beats ``standard`` on mean margin and robust accuracy."""
+    rows = collect(cfg, run_dir)
+    bases: dict[str, Any] = {}
+    findings: list[str] = []
+    for base in cfg.bases:
+        mine = {r["recipe"]: r for r in rows if r["base"] == base.name}
+        entry: dict[str, Any] = {
+            "eps_ref": base.reference_eps,
+            "eps": next(iter(mine.values()))["eps"],
+            "recipes": {
+                k: {c: v for c, v in r.items() if c not in ("base", "recipe")} for k, r in mine.items()
+            },
+        }
+        std = mine.get("standard")
+        for recipe, row in mine.items():
+            if std is None or recipe == "standard":
+                continue
+            v = _versus(std, row, int(std["n_points"]))
+            entry.setdefault("vs_standard", {})[recipe] = v
+            findings.append(_finding(base.name, recipe, v, std["margin_estimator"], base.reference_eps))
+        reg = entry.get("vs_standard", {}).get("regularized")
+        entry["regularized_beats_standard"] = reg["beats_standard"] if reg else None
+        bases[base.name] = entry
+    if all(b["regularized_beats_standard"] is None for b in bases.values()):
+        findings.append("regularized vs standard: not compared (`recipes` lacks one of them)")
+    return {
+        "bases": bases,
+        "findings": findings,
+        "notes": _notes(cfg),
+        "recipes": list(cfg.recipes),
+        "seeds": list(cfg.seeds),
+    }

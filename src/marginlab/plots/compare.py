@@ -1,0 +1,184 @@
+"""Figures of a ``compare`` run, drawn from its sub-runs' files alone.
+
+- ``margin_curves.png``: per base (rows), mean and minimum margin vs epoch on the train and test subsets,
+  one colour per recipe (the poster's "regularized vs standard" panels);
+- ``histograms.png``: per base, the per-point margins at the end of training, train and test, one
+  step histogram per recipe on shared bins;
+- ``robustness.png``: per base, robust accuracy vs ε: the curve from the min-norm bound of every point
+  (an upper bound), the first attack's own accuracy (circles) and the worst case (diamonds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marginlab.plots.common import new_figure, save
+from marginlab.plots.training import draw_series
+from marginlab.runs import read_config, read_metrics
+from marginlab.tracking import SPLITS, load_points
+
+RECIPE_COLORS = {"standard": "tab:blue", "constraint": "tab:green", "regularized": "tab:red"}
+PANELS = (("train", "mean"), ("test", "mean"), ("train", "min"), ("test", "min"))
+
+
+def _layout(run_dir: Path) -> tuple[list[str], list[str], list[int]]:
+    """Base names, recipes and seeds of a compare run, from its ``config.json``."""
+    cfg = read_config(run_dir)
+    return [b["name"] for b in cfg["bases"]], list(cfg["recipes"]), list(cfg["seeds"])
+
+
+def _subruns(run_dir: Path, base: str, recipe: str, seeds: list[int]) -> list[Path]:
+    """The finished sub-run directories of one base × recipe (missing ones are left out)."""
+    from marginlab.experiments.compare import subrun_dir
+
+    paths = [subrun_dir(run_dir, base, recipe, s) for s in seeds]
+    return [p for p in paths if (p / "metrics.jsonl").is_file()]
+
+
+def _estimator(path: Path) -> str:
+    return str(read_config(path)["tracking"]["estimators"][0])
+
+
+def plot_compare(run_dir: str | Path) -> list[Path]:
+    """Draw every figure into ``run_dir/figures``; returns the files written."""
+    run_dir = Path(run_dir)
+    bases, recipes, seeds = _layout(run_dir)
+    figures = run_dir / "figures"
+    out = [plot_margin_curves(run_dir, bases, recipes, seeds, figures / "margin_curves.png")]
+    out.append(plot_histograms(run_dir, bases, recipes, seeds, figures / "histograms.png"))
+    if any(
+        (p / "robustness.json").is_file()
+        for b in bases
+        for r in recipes
+        for p in _subruns(run_dir, b, r, seeds)
+    ):
+        out.append(plot_robustness(run_dir, bases, recipes, seeds, figures / "robustness.png"))
+    return out
+
+
+def plot_margin_curves(
+    run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int], path: Path
+) -> Path:
+    """Rows: bases; columns: train/test mean and min margin vs epoch; one colour per recipe."""
+    fig, axes = new_figure(len(bases), len(PANELS), size=(3.6 * len(PANELS), 2.9 * len(bases)))
+    axes = np.asarray(axes).reshape(len(bases), len(PANELS))
+    for i, base in enumerate(bases):
+        for recipe in recipes:
+            for k, sub in enumerate(_subruns(run_dir, base, recipe, seeds)):
+                records, name = read_metrics(sub), _estimator(sub)
+                for j, (split, stat) in enumerate(PANELS):
+                    label = recipe if k == 0 else None  # one legend entry per recipe, however many seeds
+                    color = RECIPE_COLORS.get(recipe)
+                    draw_series(axes[i, j], records, split, name, stat, color=color, label=label, alpha=0.85)
+                    axes[i, j].set_title(f"{base}: {split} {stat} margin\n({name})")
+        for ax in axes[i]:
+            ax.set_xlabel("epoch")
+            ax.axhline(0.0, color="0.5", linewidth=0.6)
+            ax.legend()
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _last_margins(sub: Path, split: str) -> np.ndarray | None:
+    """Per-point margins of the last saved epoch of a sub-run (its first tracked estimator)."""
+    points = load_points(sub)
+    if not points:
+        return None
+    return points[max(points)].get(split, {}).get(_estimator(sub))
+
+
+def plot_histograms(
+    run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int], path: Path
+) -> Path:
+    """Rows: bases; columns: train, test; end-of-training margin histograms per recipe (seeds pooled)."""
+    fig, axes = new_figure(len(bases), len(SPLITS), size=(4.6 * len(SPLITS), 2.9 * len(bases)))
+    axes = np.asarray(axes).reshape(len(bases), len(SPLITS))
+    for i, base in enumerate(bases):
+        for j, split in enumerate(SPLITS):
+            ax = axes[i, j]
+            data: dict[str, np.ndarray] = {}
+            for recipe in recipes:
+                parts = [_last_margins(s, split) for s in _subruns(run_dir, base, recipe, seeds)]
+                parts = [p for p in parts if p is not None]
+                if parts:
+                    data[recipe] = np.concatenate(parts).astype(np.float64)
+            finite = [a[np.isfinite(a)] for a in data.values()]
+            if not finite or not any(len(a) for a in finite):
+                ax.set_visible(False)
+                continue
+            # shared bins from robust quantiles, so one outlier cannot squash the others
+            lo, hi = np.quantile(np.concatenate(finite), [0.005, 0.995])
+            bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+            for recipe, a in data.items():
+                ax.hist(
+                    np.clip(a, lo, hi),
+                    bins=bins,
+                    histtype="step",
+                    color=RECIPE_COLORS.get(recipe),
+                    label=f"{recipe} (mean {np.mean(a):.3g})",
+                )
+            ax.axvline(0.0, color="0.5", linewidth=0.6)
+            ax.set_title(f"{base}: {split} margins at the end of training")
+            ax.set_xlabel("margin (clipped to the 0.5-99.5% range)")
+            ax.set_ylabel("points")
+            ax.legend()
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def _robustness(sub: Path) -> dict[str, Any] | None:
+    from marginlab.fsio import read_json
+
+    f = sub / "robustness.json"
+    return read_json(f) if f.is_file() else None
+
+
+def plot_robustness(
+    run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int], path: Path
+) -> Path:
+    """One panel per base: bound curves per recipe, the first attack's points and the worst case."""
+    from marginlab.evaluation import margin_upper_from_json
+    from marginlab.robustness import robustness_curve
+
+    fig, axes = new_figure(1, len(bases), size=(4.4 * len(bases), 3.4))
+    axes = np.atleast_1d(np.asarray(axes, dtype=object)).ravel()
+    for ax, base in zip(axes, bases, strict=True):
+        right, norm = 0.0, ""
+        for recipe in recipes:
+            results = [r for r in map(_robustness, _subruns(run_dir, base, recipe, seeds)) if r is not None]
+            if not results:
+                continue
+            color, res = RECIPE_COLORS.get(recipe), results[0]
+            norm = res["norm"]
+            eps = np.asarray(res["eps"])
+            right = max(right, float(eps.max()) * 1.15)
+            upper = [u for u in (margin_upper_from_json(r["points"]) for r in results) if u is not None]
+            if upper:
+                grid, acc = robustness_curve(np.concatenate(upper), eps=np.linspace(0, right, 200))
+                ax.plot(
+                    grid,
+                    acc,
+                    color=color,
+                    linewidth=1.0,
+                    alpha=0.7,
+                    label=f"{recipe}: {res['bound']['estimator']} bound",
+                )
+            first = res["settings"]["attacks"][0]
+            own = np.mean(
+                [[np.nan if v is None else v for v in r["accuracy"][first]] for r in results], axis=0
+            )
+            worst = np.mean([r["worst_case"] for r in results], axis=0)
+            ax.plot(eps, own, "o", color=color, markerfacecolor="none", label=f"{recipe}: {first}")
+            ax.plot(eps, worst, "D-", color=color, markersize=4, linewidth=0.8, label=f"{recipe}: worst case")
+            ax.axvline(res["reference_eps"], color="0.4", linestyle=":", linewidth=0.8)
+        ax.set_title(f"{base}: robust accuracy")
+        ax.set_xlabel(f"eps ({norm})" if norm else "eps")
+        ax.set_ylabel("robust accuracy")
+        ax.set_xlim(0, right or 1.0)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return save(fig, path)

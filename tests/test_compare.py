@@ -1,0 +1,203 @@
+"""The ``compare`` experiment end to end on tiny digits configs: sub-runs, tables, figures, summary,
+resume, and its config errors."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from marginlab.config import load_config
+from marginlab.errors import ConfigError
+from marginlab.evaluation import margin_upper_from_json
+from marginlab.experiments.compare import BaseConfig, merge_overrides, subrun_config, subrun_dir
+from marginlab.fsio import read_json
+from marginlab.runner import build_config, resume_experiment, run_experiment
+from marginlab.runs import read_config, read_summary
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+TRAIN = {
+    "kind": "train",
+    "seed": 0,
+    "data": {"dataset": "digits", "n_train": 400},
+    "model": {"name": "mlp", "options": {"widths": [16]}},
+    "train": {"epochs": 2, "batch_size": 50, "lr": 0.1, "device": "cpu", "progress": False, "threads": 1},
+    "tracking": {"estimators": ["first-order"], "n_train": 60, "n_test": 60},
+    "regularizer": {"gamma": 2.0, "beta": 1e-3},  # no reference gamma for a digits MLP
+}
+COMPARE = {
+    "kind": "compare",
+    "recipes": ["standard", "regularized"],
+    "seeds": [0],
+    "bases": [{"name": "digits-mlp", "config": TRAIN, "eps": 1.0}],
+    "robustness": {
+        "n": 40, "steps": 10, "step_size_rel": 0.25, "sweep": [0.5, 1.0], "bound": "deepfool",
+        "aa_version": "custom", "aa_attacks": ["apgd-ce"], "aa_iters": 5, "autoattack_at": "reference",
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return run_experiment(copy.deepcopy(COMPARE), tmp_path_factory.mktemp("compare") / "run")
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_files_and_subruns(run_dir):
+    for name in ("config.json", "summary.json", "table.csv", "table.md", "sweep.csv"):
+        assert (run_dir / name).is_file(), name
+    for fig in ("margin_curves.png", "histograms.png", "robustness.png"):
+        assert (run_dir / "figures" / fig).stat().st_size > 5000, fig
+    for recipe in ("standard", "regularized"):
+        sub = subrun_dir(run_dir, "digits-mlp", recipe, 0)
+        assert {"model.pt", "summary.json", "robustness.json", "metrics.jsonl"} <= {
+            p.name for p in sub.iterdir()
+        }
+        cfg = read_config(sub)
+        assert cfg["kind"] == "train" and cfg["regularizer"]["recipe"] == recipe and cfg["seed"] == 0
+        # the shared gamma/beta reach only the recipe that has those terms
+        reg = cfg["regularizer"]
+        assert (reg["gamma"], reg["beta"]) == ((2.0, 1e-3) if recipe == "regularized" else (None, None))
+
+
+def test_table_matches_the_subrun_files(run_dir):
+    """Every table cell is recomputed here from the sub-runs' own files (numpy on per-point data)."""
+    rows = {r["recipe"]: r for r in _csv(run_dir / "table.csv")}
+    assert set(rows) == {"standard", "regularized"}
+    for recipe, row in rows.items():
+        sub = subrun_dir(run_dir, "digits-mlp", recipe, 0)
+        s, rob = read_summary(sub), read_json(sub / "robustness.json")
+        assert float(row["clean_acc"]) == pytest.approx(s["clean_accuracy"]["test"])
+        last = s["margins"]["first-order"]["test"]["last"]
+        assert float(row["test_mean_margin"]) == pytest.approx(last["mean"])
+        assert float(row["test_min_margin"]) == pytest.approx(last["min"])
+        correct = np.asarray(rob["points"]["correct"])
+        upper = margin_upper_from_json(rob["points"])
+        robust = np.asarray(rob["points"]["robust"])
+        assert rob["eps"] == [0.5, 1.0] and float(row["eps_ref"]) == 1.0
+        assert float(row["bound@ref"]) == pytest.approx(np.mean(correct & (upper > 1.0)))
+        assert float(row["worst@ref"]) == pytest.approx(robust[1].mean())
+        assert float(row["worst@ref"]) <= min(float(row["pgd@ref"]), float(row["bound@ref"])) + 1e-12
+        assert row["sweep_eps"] == "0.5;1"
+        worst = [float(v) for v in row["sweep_worst"].split(";")]
+        assert worst[0] >= worst[1]  # robust accuracy never rises with eps
+    tidy = _csv(run_dir / "sweep.csv")
+    assert len(tidy) == 4 and {r["autoattack"] for r in tidy if r["eps"] == "0.5"} == {
+        ""
+    }  # AA at eps_ref only
+    md = (run_dir / "table.md").read_text()
+    assert "10 steps of 0.25 x eps_ref" in md and "reference: 1000 steps of 0.01" in md
+
+
+def test_summary_states_the_verdict_either_way(run_dir):
+    s = read_summary(run_dir)
+    base = s["bases"]["digits-mlp"]
+    v = base["vs_standard"]["regularized"]
+    rows = {r["recipe"]: r for r in _csv(run_dir / "table.csv")}
+    higher = float(rows["regularized"]["test_mean_margin"]) > float(rows["standard"]["test_mean_margin"])
+    assert v["mean_margin"]["higher"] == higher == base["regularized_beats_standard"]["mean_margin"]
+    ra = v["robust_accuracy"]
+    assert ra["delta"] == pytest.approx(
+        float(rows["regularized"]["worst@ref"]) - float(rows["standard"]["worst@ref"])
+    )
+    assert base["regularized_beats_standard"]["robust_accuracy"] == (ra["delta"] > 0 and ra["beyond_noise"])
+    (finding,) = s["findings"]
+    assert finding.startswith("digits-mlp: regularized")
+    assert ("does NOT raise" in finding) == (not higher)
+
+
+def test_resume_skips_finished_subruns_and_redoes_missing_work(run_dir):
+    std = subrun_dir(run_dir, "digits-mlp", "standard", 0)
+    reg = subrun_dir(run_dir, "digits-mlp", "regularized", 0)
+    weights = {p: (p / "model.pt").stat().st_mtime_ns for p in (std, reg)}
+    old_rob = read_json(reg / "robustness.json")
+    old_summary = read_summary(std)
+    (run_dir / "summary.json").unlink()  # as if the comparison had been killed...
+    (reg / "robustness.json").unlink()  # ...before evaluating the second model
+    (std / "summary.json").unlink()  # and a sub-run whose summary was never written: resumed, not retrained
+    metrics = (std / "metrics.jsonl").read_text()
+    resume_experiment(run_dir)
+    assert {p: (p / "model.pt").stat().st_mtime_ns for p in (std, reg)}[reg] == weights[reg]
+    assert (std / "metrics.jsonl").read_text() == metrics  # nothing retrained
+    assert read_summary(std)["clean_accuracy"] == old_summary["clean_accuracy"]
+    new_rob = read_json(reg / "robustness.json")  # seeded attacks: the same numbers again
+    assert new_rob["worst_case"] == old_rob["worst_case"] and new_rob["points"] == old_rob["points"]
+    assert read_summary(run_dir)["bases"]["digits-mlp"]["regularized_beats_standard"] is not None
+
+
+def test_resolved_base_configs_are_embedded(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('kind = "train"\n[model]\nname = "mnist-mlp"\n[train]\nepochs = 7\n')
+    raw = {
+        "kind": "compare",
+        "bases": [{"name": "b", "preset": str(preset), "overrides": {"train.epochs": 3}}],
+    }
+    _, cfg = build_config(raw)
+    assert cfg.bases[0].config["train"]["epochs"] == 3 and cfg.bases[0].reference_eps == 1.0
+    from marginlab.config import to_dict
+
+    saved = {"kind": "compare", **to_dict(cfg)}
+    preset.write_text('kind = "train"\n[train]\nepochs = 99\n')  # the preset changes afterwards...
+    _, again = build_config(json.loads(json.dumps(saved)))
+    assert again.bases[0].config["train"]["epochs"] == 3  # ...the saved run does not
+
+
+def test_merge_overrides():
+    base = {"train": {"epochs": 5, "lr": None}, "model": {"name": "x"}}
+    out = merge_overrides(base, {"train.epochs": 2, "model": {"options": {"widths": [8]}}, "seed": 3})
+    assert out == {
+        "train": {"epochs": 2, "lr": None},
+        "model": {"name": "x", "options": {"widths": [8]}},
+        "seed": 3,
+    }
+    assert base["train"]["epochs"] == 5
+    with pytest.raises(ConfigError, match="not a section"):
+        merge_overrides(base, {"model.name.x": 1})
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"recipes": ["standard", "fancy"]}, "unknown recipe"),
+        ({"seeds": [0, 0]}, "distinct"),
+        ({"bases": []}, "at least one"),
+        ({"bases": [{"name": "a/b", "config": TRAIN, "eps": 1.0}]}, "directory name"),
+        ({"bases": [{"name": "x"}]}, "preset"),
+        ({"bases": [{"name": "x", "preset": "no-such-preset"}]}, "not found"),
+        ({"bases": [{"name": "x", "config": TRAIN}]}, "reference eps"),
+        ({"bases": [{"name": "x", "config": {**TRAIN, "regularizer": {}}, "eps": 1.0}]}, "gamma"),
+        ({"bases": [{"name": "x", "config": {**TRAIN, "regularizer": {"gama": 1}}, "eps": 1.0}]}, "gama"),
+        ({"bases": [{"name": "x", "config": {**TRAIN, "kind": "logreg-gd"}, "eps": 1.0}]}, "kind"),
+        ({"robustness": {"attacks": ["pgd", "cw"]}}, "attack"),
+        ({"robustness": {"surprise": 1}}, "surprise"),
+        ({"robustness": {"bound": "first-order"}}, "min-norm"),
+        ({"robustness": {"norm": "Linf", "bound": "ddn"}}, "Linf"),
+    ],
+)
+def test_config_errors(change, words):
+    raw = {**copy.deepcopy(COMPARE), **copy.deepcopy(change)}
+    with pytest.raises(ConfigError, match=words):
+        build_config(raw)
+
+
+def test_presets_load():
+    for name in ("compare-quick", "compare-full"):
+        _, cfg = build_config(load_config(CONFIGS / f"{name}.toml"))
+        assert [b.name for b in cfg.bases] == ["mnist-lr", "mnist-mlp", "mnist-cnn", "fashion-cnn"]
+        assert [b.reference_eps for b in cfg.bases] == [1.0, 1.0, 2.0, 2.0]
+        for base in cfg.bases:
+            for recipe in cfg.recipes:
+                build_config(subrun_config(base, recipe, 0))
+    for name in ("mnist-lr-quick", "mnist-lr-full"):
+        kind, cfg = build_config(load_config(CONFIGS / f"{name}.toml"))
+        assert kind == "train" and cfg.model.name == "mnist-lr"
+    assert BaseConfig(name="x", preset="mnist-lr-quick").model_name == "mnist-lr"
