@@ -13,8 +13,9 @@ import pytest
 
 from marginlab.config import load_config
 from marginlab.errors import ConfigError
-from marginlab.evaluation import margin_upper_from_json
+from marginlab.evaluation import margin_upper_from_json, paired_difference
 from marginlab.experiments.compare import BaseConfig, merge_overrides, subrun_config, subrun_dir
+from marginlab.experiments.compare_tables import _finding, _versus
 from marginlab.fsio import read_json
 from marginlab.runner import build_config, resume_experiment, run_experiment
 from marginlab.runs import read_config, read_summary
@@ -104,15 +105,44 @@ def test_summary_states_the_verdict_either_way(run_dir):
     v = base["vs_standard"]["regularized"]
     rows = {r["recipe"]: r for r in _csv(run_dir / "table.csv")}
     higher = float(rows["regularized"]["test_mean_margin"]) > float(rows["standard"]["test_mean_margin"])
-    assert v["mean_margin"]["higher"] == higher == base["regularized_beats_standard"]["mean_margin"]
-    ra = v["robust_accuracy"]
-    assert ra["delta"] == pytest.approx(
-        float(rows["regularized"]["worst@ref"]) - float(rows["standard"]["worst@ref"])
-    )
-    assert base["regularized_beats_standard"]["robust_accuracy"] == (ra["delta"] > 0 and ra["beyond_noise"])
+    assert v["mean_margin"]["higher"] == higher
+    assert base["regularized_beats_standard"]["mean_margin"] == (higher and v["comparable"])
+    ref = next(r for r in v["robust_accuracy"] if r["reference"])
+    delta = float(rows["regularized"]["worst@ref"]) - float(rows["standard"]["worst@ref"])
+    assert ref["eps"] == 1.0 and ref["delta"] == pytest.approx(delta)  # paired = unpaired on the mean
+    beats = v["comparable"] and delta > 0 and ref["beyond_noise"]
+    assert base["regularized_beats_standard"]["robust_accuracy"] == beats
     (finding,) = s["findings"]
     assert finding.startswith("digits-mlp: regularized")
-    assert ("does NOT raise" in finding) == (not higher)
+    if v["comparable"]:
+        assert ("does NOT raise" in finding) == (not higher)
+    else:
+        assert "did NOT train as well" in finding
+
+
+def test_paired_difference_closed_form():
+    before = np.array([1, 1, 0, 0, 1], dtype=bool)
+    after = np.array([1, 0, 1, 1, 1], dtype=bool)  # one point lost, two gained
+    d = paired_difference(before, after)
+    assert d["delta"] == pytest.approx(1 / 5)
+    assert d["noise_2se"] == pytest.approx(2 * np.sqrt(3 - 1 / 5) / 5)
+    same = paired_difference(before, before)
+    assert same["delta"] == 0 and not same["beyond_noise"] and same["noise_2se"] == pytest.approx(2 / 5)
+
+
+def test_an_untrained_recipe_is_not_counted_as_a_win():
+    """A model stuck at chance predicts one class everywhere and looks 'robust' on it: no verdict."""
+    flags = np.zeros((1, 100), dtype=bool)
+    common = {"eps": [1.0], "eps_ref": 1.0, "test_mean_margin": 1.0}
+    std = {**common, "recipe": "standard", "clean_acc": 0.9, "worst@1": 0.05, "_robust": flags}
+    stuck = {**common, "recipe": "regularized", "clean_acc": 0.11, "worst@1": 0.11, "test_mean_margin": 2.0}
+    stuck["_robust"] = np.arange(100)[None] < 11
+    v = _versus(std, stuck)
+    assert not v["comparable"] and v["robust_accuracy"][0]["beyond_noise"]
+    assert v["beats_standard"] == dict.fromkeys(
+        ["mean_margin", "robust_accuracy", "robust_accuracy_any_eps"], False
+    )
+    assert "did NOT train as well" in _finding("b", "regularized", v, "first-order")
 
 
 def test_resume_skips_finished_subruns_and_redoes_missing_work(run_dir):

@@ -36,6 +36,7 @@ __all__ = [
     "load_eval_data",
     "load_model",
     "margin_upper_from_json",
+    "paired_difference",
     "parse_eps",
     "parse_names",
 ]
@@ -257,6 +258,17 @@ def margin_upper_from_json(points: dict[str, Any]) -> np.ndarray | None:
     correct = np.asarray(points["correct"], dtype=bool)
     values = np.array([np.nan if v is None else v for v in raw], dtype=np.float64)
     return np.where(np.isnan(values), np.where(correct, np.inf, -np.inf), values)
+
+
+def paired_difference(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    """Robust accuracy of ``after`` minus ``before`` on the same points (bool flags ``[n]`` each), with the
+    2-SE noise level of a paired difference: SE = sqrt(b + c - (c - b)² / n) / n for b points robust only
+    before and c only after (at least one discordant point's worth, so 0 vs 0 is never "significant")."""
+    n = max(len(before), 1)
+    b, c = int((before & ~after).sum()), int((~before & after).sum())
+    se = max(b + c - (c - b) ** 2 / n, 1.0) ** 0.5 / n
+    delta = (c - b) / n
+    return {"delta": delta, "noise_2se": 2 * se, "beyond_noise": abs(delta) > 2 * se}
 
 
 def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:

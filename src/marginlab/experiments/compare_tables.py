@@ -14,6 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from marginlab.evaluation import paired_difference
 from marginlab.experiments.compare import ROBUSTNESS_FILE, subrun_dir
 
 if TYPE_CHECKING:
@@ -64,11 +67,12 @@ def seed_metrics(path: Path) -> dict[str, Any]:
         out[f"worst@{e:g}"] = _at(res, "worst_case", e)
     out["first_attack"], out["eps"], out["n_points"] = first, res["eps"], res["n"]
     out["warnings"] = res.get("warnings", [])
+    out["_robust"] = np.asarray(res["points"]["robust"], dtype=bool)  # [len(eps), n], for paired tests
     return out
 
 
 # the same in every seed of a base × recipe: taken from the first seed, not averaged
-_SHARED = ("epochs", "lr", "n_points", "eps", "warnings", "margin_estimator", "first_attack")
+_SHARED = ("epochs", "lr", "n_points", "eps", "warnings", "margin_estimator", "first_attack", "_robust")
 
 
 def collect(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
@@ -87,32 +91,18 @@ def collect(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
                 "eps_ref": base.reference_eps,
             }
             row.update({k: _mean([m.get(k) for m in per_seed]) for k in keys})
-            row.update({k: per_seed[0][k] for k in _SHARED if k != "warnings"})
+            row.update({k: per_seed[0][k] for k in _SHARED if k not in ("warnings", "_robust")})
+            row["_robust"] = np.concatenate([m["_robust"] for m in per_seed], axis=1)  # seeds side by side
             row["warnings"] = sorted({w for m in per_seed for w in m["warnings"]})
             rows.append(row)
     return rows
 
 
-HEADLINE = [
-    "base",
-    "model",
-    "dataset",
-    "recipe",
-    "seeds",
-    "epochs",
-    "lr",
-    "clean_acc",
-    "margin_estimator",
-    "train_min_margin",
-    "train_mean_margin",
-    "test_min_margin",
-    "test_mean_margin",
-    "eps_ref",
-    "bound@ref",
-    "pgd@ref",
-    "autoattack@ref",
-    "worst@ref",
-]
+# fmt: off
+HEADLINE = ["base", "model", "dataset", "recipe", "seeds", "epochs", "lr", "clean_acc", "margin_estimator",
+            "train_min_margin", "train_mean_margin", "test_min_margin", "test_mean_margin", "eps_ref",
+            "bound@ref", "pgd@ref", "autoattack@ref", "worst@ref"]
+# fmt: on
 
 
 def _headline(row: dict[str, Any]) -> list[Any]:
@@ -214,51 +204,68 @@ def _notes(cfg: Config) -> str:
     )
 
 
-def _versus(std: dict[str, Any], other: dict[str, Any], n: int) -> dict[str, Any]:
-    """``other`` recipe against ``standard``: test mean margin and robust accuracy at the reference eps
-    (worst case, the first attack alone, and the mean over the sweep), with a 2-SE sampling-noise level."""
-    ref = f"{std['eps_ref']:g}"
-    keys = {
-        "mean_margin": "test_mean_margin",
-        "robust_accuracy": f"worst@{ref}",
-        "robust_accuracy_first_attack": f"{std['first_attack']}@{ref}",
+MAX_ACCURACY_GAP = 0.10  # a recipe this far below standard's clean accuracy is not compared
+
+
+def _versus(std: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``other`` recipe against ``standard``: clean accuracy, test mean margin, and robust accuracy per
+    radius (worst case), paired over the same test points and seeds."""
+    recipe = other["recipe"]
+    ca, cb = std.get("clean_acc"), other.get("clean_acc")
+    mm = (std.get("test_mean_margin"), other.get("test_mean_margin"))
+    out: dict[str, Any] = {
+        "clean_accuracy": {"standard": ca, recipe: cb},
+        # a model that did not train (e.g. stuck at chance) is trivially "robust" where it predicts one
+        # class everywhere: its margins and robust accuracy say nothing about the regularizer
+        "comparable": None not in (ca, cb) and cb >= ca - MAX_ACCURACY_GAP,
+        "mean_margin": {"standard": mm[0], recipe: mm[1], "higher": None if None in mm else mm[1] > mm[0]},
+        "robust_accuracy": [],
     }
-    out: dict[str, Any] = {}
-    for name, key in keys.items():
-        a, b = std.get(key), other.get(key)
-        out[name] = {"standard": a, other["recipe"]: b, "higher": None if None in (a, b) else b > a}
-        if name != "mean_margin" and None not in (a, b):
-            # two independent proportions on n points (per seed): SE of the difference
-            # (k + 1) / (n + 2) keeps the noise level above zero when an accuracy is 0 or 1
-            m = max(n * std["seeds"], 1)
-            pa, pb = (a * m + 1) / (m + 2), (b * m + 1) / (m + 2)
-            se = ((pa * (1 - pa) + pb * (1 - pb)) / m) ** 0.5
-            out[name].update(delta=b - a, noise_2se=2 * se, beyond_noise=abs(b - a) > 2 * se)
-    sweep = [(std.get(f"worst@{e:g}"), other.get(f"worst@{e:g}")) for e in std["eps"]]
-    out["robust_accuracy_sweep_mean"] = {
-        "standard": _mean([a for a, _ in sweep]),
-        other["recipe"]: _mean([b for _, b in sweep]),
-    }
-    ra = out["robust_accuracy"]
+    for j, e in enumerate(std["eps"]):
+        a, b = std.get(_key("worst", e)), other.get(_key("worst", e))
+        entry = {"eps": e, "reference": e == std["eps_ref"], "standard": a, recipe: b}
+        out["robust_accuracy"].append(entry | paired_difference(std["_robust"][j], other["_robust"][j]))
+    ref = next(r for r in out["robust_accuracy"] if r["reference"])
     out["beats_standard"] = {
-        "mean_margin": bool(out["mean_margin"]["higher"]),
-        "robust_accuracy": bool(ra.get("higher") and ra.get("beyond_noise")),
+        "mean_margin": bool(out["comparable"] and out["mean_margin"]["higher"]),
+        "robust_accuracy": bool(out["comparable"] and ref["delta"] > 0 and ref["beyond_noise"]),
+        "robust_accuracy_any_eps": bool(
+            out["comparable"] and any(r["delta"] > 0 and r["beyond_noise"] for r in out["robust_accuracy"])
+        ),
     }
     return out
 
 
-def _finding(base: str, recipe: str, v: dict[str, Any], est: str, ref: float) -> str:
-    mm, ra = v["mean_margin"], v["robust_accuracy"]
-    if None in (mm["standard"], mm[recipe], ra["standard"], ra[recipe]):
+def _finding(base: str, recipe: str, v: dict[str, Any], est: str) -> str:
+    mm, acc = v["mean_margin"], v["robust_accuracy"]
+    ref = next(r for r in acc if r["reference"])
+    if None in (mm["standard"], mm[recipe], ref["standard"], ref[recipe]):
         return f"{base}: {recipe} vs standard could not be compared (missing numbers)"
+    if not v["comparable"]:
+        ca = v["clean_accuracy"]
+        return (
+            f"{base}: {recipe} did NOT train as well as standard (clean accuracy {ca[recipe]:.1%} vs "
+            f"{ca['standard']:.1%}), so its margins ({mm[recipe]:.3g} vs {mm['standard']:.3g}) and robust "
+            f"accuracy at eps={ref['eps']:g} ({ref[recipe]:.1%} vs {ref['standard']:.1%}) compare nothing"
+        )
+
+    def change(r: dict[str, Any]) -> str:
+        verb = "improves" if r["delta"] > 0 else "does NOT improve"
+        noise = "beyond" if r["beyond_noise"] else "within"
+        return (
+            f"{verb} it at eps={r['eps']:g} ({r['standard']:.1%} -> {r[recipe]:.1%}, {noise} the paired "
+            f"noise of {r['noise_2se']:.1%})"
+        )
+
     margin = "raises" if mm["higher"] else "does NOT raise"
-    robust = "improves" if ra["higher"] else "does NOT improve"
-    noise = "beyond" if ra["beyond_noise"] else "within"
-    return (
-        f"{base}: {recipe} {margin} the test mean margin ({est}: {mm['standard']:.3g} -> {mm[recipe]:.3g}) "
-        f"and {robust} the worst-case robust accuracy at eps={ref:g} ({ra['standard']:.1%} -> "
-        f"{ra[recipe]:.1%}, {noise} sampling noise of {ra['noise_2se']:.1%})"
+    text = (
+        f"{base}: {recipe} {margin} the test mean margin ({est}: {mm['standard']:.3g} -> {mm[recipe]:.3g}); "
+        f"worst-case robust accuracy: {change(ref)}"
     )
+    biggest = max(acc, key=lambda r: abs(r["delta"]))
+    if biggest is not ref and biggest["beyond_noise"]:
+        text += f"; {change(biggest)}"
+    return text
 
 
 def summarize(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -273,16 +280,17 @@ def summarize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "eps_ref": base.reference_eps,
             "eps": next(iter(mine.values()))["eps"],
             "recipes": {
-                k: {c: v for c, v in r.items() if c not in ("base", "recipe")} for k, r in mine.items()
+                k: {c: v for c, v in r.items() if c not in ("base", "recipe", "_robust")}
+                for k, r in mine.items()
             },
         }
         std = mine.get("standard")
         for recipe, row in mine.items():
             if std is None or recipe == "standard":
                 continue
-            v = _versus(std, row, int(std["n_points"]))
+            v = _versus(std, row)
             entry.setdefault("vs_standard", {})[recipe] = v
-            findings.append(_finding(base.name, recipe, v, std["margin_estimator"], base.reference_eps))
+            findings.append(_finding(base.name, recipe, v, std["margin_estimator"]))
         reg = entry.get("vs_standard", {}).get("regularized")
         entry["regularized_beats_standard"] = reg["beats_standard"] if reg else None
         bases[base.name] = entry
