@@ -18,7 +18,7 @@ import numpy as np
 from marginlab.plots.common import new_figure, save
 from marginlab.plots.training import draw_series
 from marginlab.runs import read_config, read_metrics
-from marginlab.tracking import SPLITS, load_points
+from marginlab.tracking import SPLITS, load_points, series
 
 RECIPE_COLORS = {"standard": "tab:blue", "constraint": "tab:green", "regularized": "tab:red"}
 PANELS = (("train", "mean"), ("test", "mean"), ("train", "min"), ("test", "min"))
@@ -62,20 +62,34 @@ def plot_compare(run_dir: str | Path) -> list[Path]:
 def plot_margin_curves(
     run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int], path: Path
 ) -> Path:
-    """Rows: bases; columns: train/test mean and min margin vs epoch; one colour per recipe."""
+    """Rows: bases; columns: train/test mean and min margin vs epoch; one colour per recipe.
+
+    The untrained model (epoch 0) and the first quarter of training can have margins an order of
+    magnitude away from the rest (e.g. a CNN on its initial plateau), so each panel's y-range is fitted
+    to the later epochs; earlier points may lie off the axes.
+    """
     fig, axes = new_figure(len(bases), len(PANELS), size=(3.6 * len(PANELS), 2.9 * len(bases)))
     axes = np.asarray(axes).reshape(len(bases), len(PANELS))
     for i, base in enumerate(bases):
+        shown: list[list[float]] = [[] for _ in PANELS]
+        cutoff = 1
         for recipe in recipes:
             for k, sub in enumerate(_subruns(run_dir, base, recipe, seeds)):
                 records, name = read_metrics(sub), _estimator(sub)
+                cutoff = max(1, max((int(r["epoch"]) for r in records), default=0) // 4)
                 for j, (split, stat) in enumerate(PANELS):
                     label = recipe if k == 0 else None  # one legend entry per recipe, however many seeds
                     color = RECIPE_COLORS.get(recipe)
                     draw_series(axes[i, j], records, split, name, stat, color=color, label=label, alpha=0.85)
                     axes[i, j].set_title(f"{base}: {split} {stat} margin\n({name})")
-        for ax in axes[i]:
-            ax.set_xlabel("epoch")
+                    epochs, values = series(records, split, name, stat)
+                    shown[j] += [v for e, v in zip(epochs, values, strict=True) if e >= cutoff]
+        for ax, values in zip(axes[i], shown, strict=True):
+            if values:
+                lo, hi = min(values), max(values)
+                pad = 0.1 * (hi - lo) or 0.1 * abs(hi) or 0.1
+                ax.set_ylim(lo - pad, hi + pad)
+            ax.set_xlabel(f"epoch (y-range: epochs >= {cutoff})")
             ax.axhline(0.0, color="0.5", linewidth=0.6)
             ax.legend()
     fig.tight_layout()
