@@ -1,11 +1,14 @@
 """Checkpoints of the training loop: everything needed to continue bit-for-bit.
 
 A checkpoint holds the model and optimizer state, **every** random number generator the loop touches
-(torch CPU and CUDA, numpy, Python, and the explicit data-order generator), the epoch just finished, the
-optimizer step count and the metric records so far. It is written atomically (``fsio.atomic_torch_save``)
-at the end of every epoch, so a ``kill -9`` at any moment leaves either the previous or the new
-checkpoint, never a torn one. Loading uses ``torch.load(weights_only=True)``: numpy's RNG state is stored
-as plain Python values and tensors so that no arbitrary pickle is ever executed.
+(torch CPU and CUDA, numpy, Python, and the explicit data-order generator), the epoch just finished and
+the optimizer step count: only what resume needs, so its size does not grow with the run (the metric
+records live in ``metrics.jsonl``, which resume cuts back to the checkpoint's epoch). It is written
+atomically (``fsio.atomic_torch_save``) at the end of every epoch, so a ``kill -9`` at any moment
+leaves either the previous or the new checkpoint, never a torn one. Loading uses
+``torch.load(weights_only=True)``: numpy's RNG state is stored as plain Python values and tensors so
+that no arbitrary pickle is ever executed. The logistic-regression experiment stores its (w, b) the same
+way (no optimizer, no RNG: full-batch GD is deterministic).
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ from marginlab.distributed import DistContext
 from marginlab.errors import ConfigError, RunDirError
 from marginlab.fsio import atomic_torch_save
 from marginlab.runs import RunDir
-from marginlab.tracking import MARGINS_DIR
 
-FORMAT = 1  # bump when the layout changes; older checkpoints are refused with a clear message
+FORMAT = 2  # bump when the layout changes; older checkpoints are refused with a clear message
 
 
 def capture_rng(data_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
@@ -80,8 +82,7 @@ class Checkpoint:
         step: optimizer steps taken so far.
         model: the model's ``state_dict``.
         optimizer: the optimizer's ``state_dict``.
-        rng: one :func:`capture_rng` dict per rank (index = rank).
-        records: the metric records logged so far (``metrics.jsonl`` is rewritten from them).
+        rng: one :func:`capture_rng` dict per rank (index = rank; empty for deterministic loops).
         extra: other loop state as plain values and tensors (e.g. regularizers' step counters).
     """
 
@@ -90,7 +91,6 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     rng: list[dict[str, Any]]
-    records: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,7 +104,6 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
             "model": ckpt.model,
             "optimizer": ckpt.optimizer,
             "rng": ckpt.rng,
-            "records": ckpt.records,
             "extra": ckpt.extra,
         },
         path,
@@ -122,15 +121,30 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise RunDirError(f"checkpoint {path} has an unknown format; it was written by another version")
-    return Checkpoint(
-        epoch=int(raw["epoch"]),
-        step=int(raw["step"]),
-        model=raw["model"],
-        optimizer=raw["optimizer"],
-        rng=list(raw["rng"]),
-        records=list(raw["records"]),
-        extra=dict(raw.get("extra", {})),
-    )
+    try:
+        return Checkpoint(
+            epoch=int(raw["epoch"]),
+            step=int(raw["step"]),
+            model=dict(raw["model"]),
+            optimizer=dict(raw["optimizer"]),
+            rng=list(raw["rng"]),
+            extra=dict(raw.get("extra", {})),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise RunDirError(f"checkpoint {path} is incomplete; delete it to restart") from None
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a checkpoint's model state, naming the file when it does not fit the configured model
+    (e.g. config.json edited to another architecture)."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(
+            f"checkpoint {path} does not fit the model of config.json ({first[:160]}); "
+            "was the config edited after the run started?"
+        ) from None
 
 
 def restore_run(
@@ -141,11 +155,13 @@ def restore_run(
     device: torch.device,
     dist: DistContext,
     regularizers: Sequence[Any] = (),
-) -> Checkpoint | None:
-    """Load ``rd``'s checkpoint into the model, optimizer, RNGs and regularizers (``None``: there is none).
+) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
+    """Load ``rd``'s checkpoint into the model, optimizer, RNGs and regularizers.
 
-    Rank 0 also makes the directory consistent with the checkpoint: ``metrics.jsonl`` is rewritten from
-    its records (dropping lines a killed run logged past it) and later per-point margin files are removed.
+    Returns the checkpoint (``None``: there is none) and the metric records up to its epoch.
+
+    Rank 0 also makes the directory consistent with the checkpoint (:meth:`RunDir.rewind`): metric
+    lines and per-point margin files a killed run wrote past it are dropped, temporary files removed.
     """
     ckpt = load_checkpoint(rd.checkpoint) if rd is not None and rd.checkpoint.is_file() else None
     if ckpt is not None and len(ckpt.rng) != dist.world_size:
@@ -154,18 +170,21 @@ def restore_run(
             f"resume it with as many (now {dist.world_size})"
         )
     if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer)
+        assert rd is not None
+        load_model_state(model, ckpt.model, rd.checkpoint)
+        try:
+            optimizer.load_state_dict(ckpt.optimizer)
+        except (ValueError, KeyError) as e:
+            raise RunDirError(f"checkpoint {rd.checkpoint}: optimizer state does not fit ({e})") from None
         restore_rng(ckpt.rng[dist.rank], data_gen, device)
         for r, st in zip(regularizers, ckpt.extra.get("regularizers", []), strict=False):
             load_regularizer_state(r, st)
-    if rd is not None and dist.is_main:
-        rd.rewrite_metrics(ckpt.records if ckpt else [])
-        last = ckpt.epoch if ckpt else -1
-        for path in (rd.path / MARGINS_DIR).glob("epoch-*.npz"):
-            if int(path.stem.split("-")[1]) > last:
-                path.unlink()
-    return ckpt
+    last = ckpt.epoch if ckpt else -1
+    if rd is None:
+        return ckpt, []
+    if dist.is_main:
+        return ckpt, rd.rewind(last)
+    return ckpt, [r for r in rd.metrics() if int(r.get("epoch", -1)) <= last]
 
 
 def regularizer_state(r: Any) -> dict[str, Any]:

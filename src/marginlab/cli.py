@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +44,15 @@ def _is_override(arg: str) -> bool:
     return "=" in arg and not arg.startswith("-")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the same clean-up as for Ctrl-C runs (locks released,
+    temporary files removed, finished work kept) before the process exits with status 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # `run CONFIG --out DIR key=value`: overrides may also follow the options (argparse stops
@@ -57,14 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except MarginlabError as e:
         print(f"marginlab: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("marginlab: terminated (SIGTERM); finished work is kept, --resume continues", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("marginlab: interrupted", file=sys.stderr)
+        print("marginlab: interrupted; finished work is kept, --resume continues", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from the parsed TOML, rejecting unknown keys and values of the wrong type with a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -41,29 +42,40 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``config`` with dotted ``a.b.c=value`` overrides applied."""
-    out = _deepcopy(config)
+    """Return a copy of ``config`` with dotted ``a.b.c=value`` overrides applied (values parsed as TOML)."""
+    parsed: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        parts = key.strip().split(".")
+        parsed[key.strip()] = parse_value(value.strip())
+    return merge_overrides(config, parsed)
+
+
+def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``overrides`` applied: the one override function of marginlab.
+
+    Keys may be dotted (``"train.epochs"``) and values nested tables; a table merges into a table,
+    anything else replaces the value. The CLI's ``key=value`` arguments, sweep grids and the bases of a
+    comparison all come through here."""
+    out = copy.deepcopy(config)
+    for key, value in overrides.items():
+        *parents, leaf = str(key).split(".")
         node = out
-        for part in parts[:-1]:
+        for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = parse_value(value.strip())
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = merge_overrides(node[leaf], value)
+        else:
+            node[leaf] = copy.deepcopy(value)
     return out
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     return apply_overrides(load_toml(path), overrides or [])
-
-
-def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:

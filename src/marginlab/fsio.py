@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import json
 import math
 import os
@@ -21,13 +22,33 @@ from typing import IO, Any
 
 import numpy as np
 
+from marginlab.errors import RunDirError
+
+TMP_SUFFIX = ".tmp"  # temporary files of atomic writes are ``.<name>.<random>.tmp`` beside the target
+# Errors of the disk rather than of the program: reported as one line naming the file.
+_DISK_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.EIO,
+}
+
 
 @contextmanager
 def _atomic_file(path: Path, mode: str) -> Iterator[IO[Any]]:
-    """Yield a temporary file next to ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    A full disk, a read-only filesystem or a missing permission raise :class:`RunDirError` naming
+    ``path``; the previous version of ``path`` is left untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise disk_error(path, e) from None
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, mode) as f:
@@ -35,10 +56,30 @@ def _atomic_file(path: Path, mode: str) -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError) and is_disk_error(e):
+            raise disk_error(path, e) from None
         raise
     _fsync_dir(path.parent)
+
+
+def is_disk_error(e: BaseException) -> bool:
+    """Whether ``e`` says the disk refused a write (full, read-only, no permission, name too long).
+
+    torch's zip writer reports a full disk as ``RuntimeError: ... file write failed``; it counts too."""
+    if isinstance(e, OSError):
+        return e.errno in _DISK_ERRNOS
+    return isinstance(e, RuntimeError) and "write" in str(e).lower() and "fail" in str(e).lower()
+
+
+def disk_error(path: Path, e: BaseException) -> RunDirError:
+    """The one-line error for a write to ``path`` that the disk refused."""
+    if isinstance(e, OSError) and e.errno is not None:
+        reason = os.strerror(e.errno).lower()
+    else:
+        reason = "no space left on device or write failed"
+    return RunDirError(f"cannot write {path}: {reason}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -129,31 +170,59 @@ def read_json(path: str | Path) -> Any:
 def append_jsonl(path: str | Path, record: Any) -> None:
     """Append one JSON record as a line and fsync it (a kill can at most tear this one line)."""
     line = dumps(record, indent=None) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            start = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(start)  # never leave a torn line in the middle of the file
+                raise
+    except OSError as e:
+        if is_disk_error(e):
+            raise disk_error(Path(path), e) from None
+        raise
 
 
 def read_jsonl(path: str | Path) -> list[Any]:
-    """Read a JSONL file, ignoring a torn (unparsable) final line left by a crash."""
+    """Read a JSONL file, ignoring a torn (unparsable) final line left by a crash.
+
+    An unparsable line anywhere else is damage, not a kill: ``ValueError`` naming the file and line."""
     records: list[Any] = []
     path = Path(path)
     if not path.exists():
         return records
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise
+            raise ValueError(f"{path} line {i + 1} is not valid JSON ({e.msg})") from None
     return records
 
 
 def write_jsonl(path: str | Path, records: list[Any]) -> None:
     """Rewrite a whole JSONL file atomically (used when resuming from a checkpoint)."""
     atomic_write_text(path, "".join(dumps(r, indent=None) + "\n" for r in records))
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file of a run directory; a damaged file raises :class:`RunDirError`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise RunDirError(f"{path} is corrupt ({type(e).__name__}); delete it or rerun") from None
+    except Exception as e:  # zipfile raises BadZipFile and friends for a damaged archive
+        if type(e).__module__ == "zipfile":
+            raise RunDirError(f"{path} is corrupt ({type(e).__name__}); delete it or rerun") from None
+        raise

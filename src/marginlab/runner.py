@@ -1,29 +1,49 @@
-"""Run an experiment config into a run directory, or resume one; redraw its figures."""
+"""Run an experiment config into a run directory, or resume one, or skip it; redraw its figures.
+
+This is the one place that decides *run, resume or skip*: ``marginlab run``, the sub-runs of a
+comparison and the runs of a sweep all go through :func:`run_or_resume`. A run that fails is removed only
+when nothing in it ever finished (:meth:`RunDir.holds_work`); anything else stays for ``--resume``.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from marginlab.config import from_dict, to_dict
 from marginlab.distributed import is_main_process
 from marginlab.errors import ConfigError, RunDirError
 from marginlab.experiments import get_experiment
+from marginlab.fsio import to_jsonable
+from marginlab.provenance import record_session
 from marginlab.runs import RunDir, read_config
 
 log = logging.getLogger(__name__)
 
+Mode = Literal["new", "resume", "skip"]
+
 
 def build_config(raw: dict[str, Any]) -> tuple[str, Any]:
-    """Split ``kind`` off a raw config dict and build that experiment's frozen Config."""
+    """Split ``kind`` off a raw config dict and build that experiment's frozen Config, every default
+    resolved (an experiment's ``resolve(cfg)`` fills the values it derives, e.g. the learning rate)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a table, got {type(raw).__name__}")
     raw = dict(raw)
     kind = raw.pop("kind", None)
     if kind is None:
         raise ConfigError("config has no 'kind' key (e.g. kind = \"logreg-gd\")")
     exp = get_experiment(kind)
-    return kind, from_dict(exp.Config, raw)
+    cfg = from_dict(exp.Config, raw)
+    resolve = getattr(exp, "resolve", None)
+    return kind, resolve(cfg) if resolve is not None else cfg
+
+
+def config_record(raw: dict[str, Any]) -> dict[str, Any]:
+    """What ``config.json`` of a run of ``raw`` holds: the validated, resolved config as JSON values."""
+    kind, cfg = build_config(raw)
+    return to_jsonable({"kind": kind, **to_dict(cfg)})
 
 
 def run_experiment(raw: dict[str, Any], out: str | Path, *, force: bool = False) -> Path:
@@ -31,13 +51,15 @@ def run_experiment(raw: dict[str, Any], out: str | Path, *, force: bool = False)
     kind, cfg = build_config(raw)
     if not is_main_process():  # a torchrun worker: it trains, rank 0 alone creates and writes `out`
         return _execute_worker(kind, cfg, RunDir(out), resume=False)
-    rd = RunDir.create(out, {"kind": kind, **to_dict(cfg)}, force=force)
+    rd = RunDir.create(out, to_jsonable({"kind": kind, **to_dict(cfg)}), force=force)
     try:
+        record_session(rd.path, "new")
         return _execute(kind, cfg, rd, resume=False)
     except BaseException:
-        # A run that failed (or was interrupted) before its first checkpoint has nothing worth
-        # resuming: remove it rather than leave a half-made run directory behind.
-        if not rd.checkpoint.exists() and not rd.finished:
+        # Nothing finished (no checkpoint, weights, summary or result anywhere inside, sub-runs
+        # included): nothing worth resuming, so leave no half-made directory behind.
+        if not rd.holds_work():
+            rd.unlock()
             shutil.rmtree(rd.path, ignore_errors=True)
         raise
 
@@ -51,7 +73,39 @@ def resume_experiment(path: str | Path) -> Path:
     if not is_main_process():
         return _execute_worker(kind, cfg, rd, resume=True)
     rd.lock()
+    try:
+        record_session(rd.path, "resume")
+    except BaseException:
+        rd.unlock()
+        raise
     return _execute(kind, cfg, rd, resume=True)
+
+
+def plan(raw: dict[str, Any], path: str | Path) -> Mode:
+    """What :func:`run_or_resume` will do with ``path``: ``new``, ``resume`` or ``skip`` (finished).
+
+    A directory holding a *different* config is a user error (never overwritten, never skipped)."""
+    path = Path(path)
+    rd = RunDir(path)
+    if not rd.is_run_dir:
+        return "new"
+    if read_config(path) != config_record(raw):
+        raise RunDirError(f"{path} holds a run with a different config; choose another --out or move it away")
+    return "skip" if rd.finished else "resume"
+
+
+def run_or_resume(raw: dict[str, Any], path: str | Path) -> Mode:
+    """Run ``raw`` into ``path``, resume it there, or skip it when it already finished."""
+    mode = plan(raw, path)
+    if mode == "skip":
+        log.info("skipping finished run %s", path)
+    elif mode == "resume":
+        log.info("resuming run %s", path)
+        resume_experiment(path)
+    else:
+        log.info("starting run %s", path)
+        run_experiment(raw, path)
+    return mode
 
 
 def _execute_worker(kind: str, cfg: Any, rd: RunDir, *, resume: bool) -> Path:
@@ -63,6 +117,8 @@ def _execute_worker(kind: str, cfg: Any, rd: RunDir, *, resume: bool) -> Path:
 def _execute(kind: str, cfg: Any, rd: RunDir, *, resume: bool) -> Path:
     exp = get_experiment(kind)
     try:
+        if resume:
+            rd.remove_temp_files()  # leftovers of atomic writes that a kill interrupted
         summary = exp.run(cfg, rd, resume=resume)
         # The summary marks the run finished; it is written before the figures so that a plotting
         # problem can never lose a finished run (``marginlab plot`` redraws them).

@@ -1,19 +1,28 @@
-"""Run directories: where every experiment writes its results.
+"""Run directories: where every experiment writes its results. This module owns every name in one.
 
-Layout of a run directory::
+Layout of a run directory (the constants below are the only spelling of these names)::
 
-    config.json      the full config (with ``kind``), written first
-    metrics.jsonl    one JSON record per evaluation step, appended as training goes
-    checkpoint.pt    latest checkpoint (experiments that support resume)
-    summary.json     written last: its presence marks the run as finished
-    figures/         drawn from the files above only (``marginlab plot`` redraws them)
+    config.json        the full config with every default resolved (with ``kind``), written first
+    provenance.json    what ran: versions, git commit, command line, device, threads (one entry a session)
+    metrics.jsonl      one JSON record per evaluation step, appended as training goes
+    checkpoint.pt      latest checkpoint (experiments that support resume)
+    summary.json       written last: its presence marks the run as finished
+    figures/           drawn from the files above only (``marginlab plot`` redraws them)
+    margins/           per-point margins at chosen epochs, ``epoch-XXXX.npz``
+    model.pt           final weights of a trained model (a plain ``state_dict``)
+    robustness.json    robustness of the final model (comparison sub-runs)
+    svm.npz, adv_images.npz   the logistic-regression experiment's SVMs and fixed test images
+    runs/<base>/<recipe>-seed<k>/   sub-runs of a comparison, each a run directory of its own
+    table.csv, table.md, sweep.csv, sweep.md, sweep.json   tables of comparisons and sweeps
 
-A finished run is never overwritten silently (``force`` moves it aside, it is not deleted), and a lock
-file stops two processes from writing the same directory at once.
+A finished run is never overwritten silently (``force`` moves it aside, it is not deleted, and only a
+marginlab run directory is ever moved), a lock file stops two processes from writing the same directory
+at once, and a run directory is removed only when nothing in it ever finished (:meth:`RunDir.holds_work`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -21,16 +30,79 @@ from pathlib import Path
 from typing import Any
 
 from marginlab.errors import RunDirError
-from marginlab.fsio import append_jsonl, atomic_write_json, read_json, read_jsonl, write_jsonl
-
-CONFIG, METRICS, SUMMARY, CHECKPOINT, LOCK, FIGURES = (
-    "config.json",
-    "metrics.jsonl",
-    "summary.json",
-    "checkpoint.pt",
-    ".lock",
-    "figures",
+from marginlab.fsio import (
+    TMP_SUFFIX,
+    append_jsonl,
+    atomic_write_json,
+    read_json,
+    read_jsonl,
+    write_jsonl,
 )
+
+CONFIG = "config.json"
+PROVENANCE = "provenance.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
+FIGURES = "figures"
+MARGINS = "margins"
+WEIGHTS = "model.pt"
+ROBUSTNESS = "robustness.json"
+SVM = "svm.npz"
+ADV_IMAGES = "adv_images.npz"
+SUBRUNS = "runs"
+TABLE_CSV, TABLE_MD = "table.csv", "table.md"
+SWEEP_MANIFEST, SWEEP_CSV, SWEEP_MD = "sweep.json", "sweep.csv", "sweep.md"
+
+# Files whose presence anywhere in a run directory means finished work that must never be deleted.
+_WORK_FILES = (SUMMARY, CHECKPOINT, WEIGHTS, ROBUSTNESS)
+
+
+def margins_file(run_dir: str | Path, epoch: int) -> Path:
+    """Where the per-point margins of ``epoch`` are kept: ``margins/epoch-XXXX.npz``."""
+    return Path(run_dir) / MARGINS / f"epoch-{epoch:04d}.npz"
+
+
+def margins_files(run_dir: str | Path) -> dict[int, Path]:
+    """Every per-point margins file of a run directory, by epoch (sorted)."""
+    out = {}
+    for path in (Path(run_dir) / MARGINS).glob("epoch-*.npz"):
+        tail = path.stem.split("-", 1)[1]
+        if tail.isdigit():
+            out[int(tail)] = path
+    return dict(sorted(out.items()))
+
+
+def subrun_dir(run_dir: str | Path, base: str, recipe: str, seed: int) -> Path:
+    """The sub-run of a comparison for one base, recipe and seed."""
+    return Path(run_dir) / SUBRUNS / base / f"{recipe}-seed{seed}"
+
+
+def check_out_path(path: str | Path, what: str = "--out") -> Path:
+    """Refuse output paths that cannot be a directory: an existing file, ``.``, a name too long."""
+    path = Path(path)
+    if str(path).strip() in ("", ".", "..") or path.resolve() == Path.cwd().resolve():
+        raise RunDirError(f"{what} {str(path)!r} is the current directory; name a new directory for the run")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{what} {path} is an existing file, not a directory")
+    try:
+        limit = os.pathconf(_existing_parent(path), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts:
+        if len(part.encode()) > limit:
+            raise RunDirError(
+                f"{what}: the name {part[:40]!r}... is longer than the filesystem allows ({limit})"
+            )
+    return path
+
+
+def _existing_parent(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
 
 
 class RunDir:
@@ -44,10 +116,15 @@ class RunDir:
     @classmethod
     def create(cls, path: str | Path, config: dict[str, Any], *, force: bool = False) -> RunDir:
         """Make a new run directory holding ``config.json``; refuse to clobber an existing run."""
-        rd = cls(path)
-        if rd.path.exists() and any(rd.path.iterdir()):
+        rd = cls(check_out_path(path))
+        if rd.path.is_dir() and not rd._is_empty():
             if not force:
                 raise RunDirError(rd._occupied_message())
+            if not rd.is_run_dir:
+                raise RunDirError(
+                    f"--force only moves marginlab run directories aside; {rd.path} is not one "
+                    f"(no {CONFIG}): choose another --out"
+                )
             # Never move a directory that another process is still writing: take its lock first.
             probe = cls(path)
             probe.lock()
@@ -57,9 +134,9 @@ class RunDir:
             rd.path.mkdir(parents=True, exist_ok=True)
             rd.lock()
             atomic_write_json(rd.path / CONFIG, config)
-        except PermissionError:
+        except RunDirError:
             rd.unlock()
-            raise RunDirError(f"cannot write to run directory {rd.path}: permission denied") from None
+            raise
         except OSError as e:
             rd.unlock()
             raise RunDirError(f"cannot create run directory {rd.path}: {e.strerror or e}") from None
@@ -69,9 +146,17 @@ class RunDir:
     def open(cls, path: str | Path) -> RunDir:
         """Open an existing run directory (for resuming, plotting or reporting)."""
         rd = cls(path)
-        if not (rd.path / CONFIG).is_file():
+        if not rd.is_run_dir:
             raise RunDirError(f"{rd.path} is not a marginlab run directory (no {CONFIG})")
         return rd
+
+    def _is_empty(self) -> bool:
+        """Empty but for a lock file or temporary files (a creation that was killed)."""
+        return all(p.name == LOCK or p.name.endswith(TMP_SUFFIX) for p in self.path.iterdir())
+
+    @property
+    def is_run_dir(self) -> bool:
+        return (self.path / CONFIG).is_file()
 
     def _occupied_message(self) -> str:
         if self.finished:
@@ -79,7 +164,7 @@ class RunDir:
                 f"{self.path} already holds a finished run; choose another --out, "
                 "or pass --force to move it aside"
             )
-        if (self.path / CONFIG).is_file():
+        if self.is_run_dir:
             return (
                 f"{self.path} holds an unfinished run; continue it with "
                 f"'marginlab run --resume {self.path}', or pass --force to move it aside"
@@ -101,8 +186,11 @@ class RunDir:
         """Take an exclusive lock on the directory; a second writer gets a clear error."""
         if self._lock_fd is not None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot write to run directory {self.path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,7 +200,11 @@ class RunDir:
                 f"run directory {self.path} is in use by another process (pid {holder})"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # a full disk: the lock itself holds, only the pid note is lost
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -133,6 +225,11 @@ class RunDir:
     def finished(self) -> bool:
         return (self.path / SUMMARY).is_file()
 
+    def holds_work(self) -> bool:
+        """Whether anything in this directory (sub-runs included) finished: a checkpoint, weights,
+        a summary or a robustness result. Only a directory without any may be removed after a failure."""
+        return any(next(self.path.rglob(name), None) is not None for name in _WORK_FILES)
+
     @property
     def figures(self) -> Path:
         d = self.path / FIGURES
@@ -150,27 +247,59 @@ class RunDir:
     def log_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl(self.path / METRICS, record)
 
-    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Replace metrics.jsonl with ``records`` (on resume: drop lines past the checkpoint)."""
-        write_jsonl(self.path / METRICS, records)
-
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / SUMMARY, summary)
 
+    def rewind(self, epoch: int) -> list[dict[str, Any]]:
+        """Make the directory agree with a checkpoint taken after ``epoch`` (-1: none), for a resume.
+
+        Drops metric records and per-point margin files past ``epoch`` (a killed run may have logged
+        them after its last checkpoint), removes temporary files a kill left behind, and returns the
+        records kept."""
+        self.remove_temp_files()
+        records = [r for r in self.metrics() if int(r.get("epoch", -1)) <= epoch]
+        write_jsonl(self.path / METRICS, records)
+        for e, path in margins_files(self.path).items():
+            if e > epoch:
+                path.unlink()
+        return records
+
+    def remove_temp_files(self) -> None:
+        """Delete the ``.*.tmp`` files of interrupted atomic writes (never a finished file)."""
+        for path in self.path.rglob(f".*{TMP_SUFFIX}"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    return _read(Path(path) / CONFIG)
+    cfg = _read(Path(path) / CONFIG)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("kind"), str):
+        raise RunDirError(f"{Path(path) / CONFIG} is not a marginlab config (a JSON object with a 'kind')")
+    return cfg
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:
-    return _read(Path(path) / SUMMARY)
+    summary = _read(Path(path) / SUMMARY)
+    if not isinstance(summary, dict):
+        raise RunDirError(f"{Path(path) / SUMMARY} is corrupt (not a JSON object)")
+    return summary
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(path) / METRICS)
+    """The records of ``metrics.jsonl`` (a torn last line is dropped; a damaged line elsewhere names
+    the file and line)."""
+    file = Path(path) / METRICS
+    try:
+        records = read_jsonl(file)
+    except ValueError as e:
+        raise RunDirError(f"{file} is corrupt: {e}") from None
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            raise RunDirError(f"{file} is corrupt: record {i} is not a JSON object")
+    return records
 
 
 def _read(file: Path) -> Any:
@@ -178,5 +307,5 @@ def _read(file: Path) -> Any:
         raise RunDirError(f"{file.parent} is not a complete run directory: {file.name} is missing")
     try:
         return read_json(file)
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise RunDirError(f"{file} is corrupt (not valid JSON)") from None

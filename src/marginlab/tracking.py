@@ -27,9 +27,9 @@ from torch import nn
 
 from marginlab.config import check_positive, require
 from marginlab.distributed import DistContext
-from marginlab.fsio import atomic_write_with, to_jsonable
+from marginlab.fsio import atomic_write_with, read_npz, to_jsonable
+from marginlab.runs import margins_file, margins_files
 
-MARGINS_DIR = "margins"
 SPLITS = ("train", "test")
 QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
 
@@ -219,7 +219,7 @@ class MarginTracker:
 
 def save_points(run_dir: str | Path, epoch: int, points: dict[str, dict[str, np.ndarray]]) -> Path:
     """Write per-point arrays as ``margins/epoch-XXXX.npz`` with keys ``"<split>/<name>"`` (atomic)."""
-    path = Path(run_dir) / MARGINS_DIR / f"epoch-{epoch:04d}.npz"
+    path = margins_file(run_dir, epoch)
     flat = {f"{split}/{k}": v for split, d in points.items() for k, v in d.items()}
     atomic_write_with(path, lambda f: np.savez_compressed(f, **flat))
     return path
@@ -228,12 +228,10 @@ def save_points(run_dir: str | Path, epoch: int, points: dict[str, dict[str, np.
 def load_points(run_dir: str | Path) -> dict[int, dict[str, dict[str, np.ndarray]]]:
     """Every saved ``epoch -> split -> name -> array`` of a run directory (empty if none)."""
     out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
-    for path in sorted((Path(run_dir) / MARGINS_DIR).glob("epoch-*.npz")):
-        epoch = int(path.stem.split("-")[1])
-        with np.load(path, allow_pickle=False) as z:
-            for key in z.files:
-                split, name = key.split("/", 1)
-                out.setdefault(epoch, {}).setdefault(split, {})[name] = z[key]
+    for epoch, path in margins_files(run_dir).items():
+        for key, value in read_npz(path).items():
+            split, _, name = key.partition("/")
+            out.setdefault(epoch, {}).setdefault(split, {})[name] = value
     return out
 
 

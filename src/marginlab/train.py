@@ -17,6 +17,7 @@ the mean loss over the global batch. Only rank 0 writes files.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -146,13 +147,42 @@ def fit(
         if loop.dist.rank > 0:  # independent dropout streams per rank; rank 0 matches a single process
             torch.manual_seed(seed + 1_000_003 * loop.dist.rank)
         if resume:
-            ckpt = restore_run(rd, model, optimizer, loop.data_gen, device, loop.dist, regularizers)
+            ckpt, records = restore_run(rd, model, optimizer, loop.data_gen, device, loop.dist, regularizers)
             if ckpt is not None:
-                loop.epoch, loop.step, loop.records = ckpt.epoch, ckpt.step, ckpt.records
+                loop.epoch, loop.step, loop.records = ckpt.epoch, ckpt.step, records
                 log.info("resuming after epoch %d of %d", ckpt.epoch, cfg.epochs)
         return loop.run(x.to(device), y.to(device))  # whole split on the device: indexing beats a DataLoader
     finally:
         torch.set_num_threads(threads)
+
+
+def check_finite(epoch: int, rec: dict[str, Any], model: nn.Module) -> None:
+    """Stop a diverged run before its record and checkpoint are written (the last good one stays).
+
+    Non-finite weights, a non-finite loss or accuracy, or a NaN margin statistic mean the optimisation
+    blew up: the margins of such a model mean nothing. (An infinite margin is legitimate: a min-norm
+    attack that found no adversarial reports +inf for that point.)"""
+    bad = next((name for name, v in _numbers(rec) if _diverged(name, v)), None)
+    if bad is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        bad = "the weights"
+    if bad is not None:
+        raise ConfigError(f"training diverged at epoch {epoch} ({bad} is not finite); lower train.lr")
+
+
+def _diverged(name: str, value: float) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    if any(word in leaf for word in ("loss", "objective", "acc")):
+        return not math.isfinite(value)
+    return math.isnan(value)
+
+
+def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every number of a nested record as ``(dotted key, value)`` (wall-clock times left out)."""
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() if k != "time" for kv in _numbers(v, f"{prefix}{k}.")]
+    if isinstance(obj, bool) or not isinstance(obj, int | float):
+        return []
+    return [(prefix.rstrip("."), float(obj))]
 
 
 @dataclass
@@ -191,6 +221,7 @@ class _Loop:
                 rec.update(step=self.step, lr=self.lr)
                 t1 = time.perf_counter()
                 self.track(epoch, rec)
+                check_finite(epoch, rec, self.model)
                 # wall-clock times live under one key that reproducibility checks ignore
                 rec["time"] = {"train_s": t1 - t0, "track_s": time.perf_counter() - t1}
                 self.records.append(rec)
@@ -237,7 +268,9 @@ class _Loop:
             self.optimizer.step()
         sums = dist.all_reduce_sum(sums).cpu() / n
         if not torch.isfinite(sums[1]):
-            raise ConfigError(f"training diverged (the loss is {float(sums[1])}); lower train.lr")
+            raise ConfigError(
+                f"training diverged at epoch {self.epoch + 1} (the loss is {float(sums[1])}); lower train.lr"
+            )
         out: dict[str, Any] = {
             "train_loss_epoch": float(sums[0]),
             "train_objective_epoch": float(sums[1]),
@@ -270,8 +303,6 @@ class _Loop:
         self.rd.log_metrics(rec)
         extra = {"regularizers": [regularizer_state(r) for r in self.regularizers]}
         state = (self.model.state_dict(), self.optimizer.state_dict())
-        save_checkpoint(
-            self.rd.checkpoint, Checkpoint(self.epoch, self.step, *state, rngs, self.records, extra)
-        )
+        save_checkpoint(self.rd.checkpoint, Checkpoint(self.epoch, self.step, *state, rngs, extra))
         if writer is not None:
             log_tensorboard(writer, rec)

@@ -2,9 +2,12 @@
 
 For every base experiment (a ``train`` preset, e.g. ``mnist-mlp-quick``) and every recipe (``standard``,
 ``constraint``, ``regularized``) and seed, one complete ``train`` sub-run is made inside the compare run
-directory, ``runs/<base>/<recipe>-seed<k>/`` (finished ones are skipped on ``--resume``, unfinished ones
-resumed from their checkpoint). Each trained model is then evaluated on a fixed seeded subset of test
-points (:func:`marginlab.evaluation.evaluate_robustness`: a min-norm bound, PGD, then AutoAttack) into the
+directory, ``runs/<base>/<recipe>-seed<k>/`` (:func:`marginlab.runner.run_or_resume`: finished ones are
+skipped on ``--resume``, unfinished ones resumed from their checkpoint). Before the first sub-run trains,
+every base's data are loaded and its model built once, so a missing dataset in the last base fails at
+once instead of after hours of training; an interrupted comparison never loses a finished sub-run.
+Each trained model is then evaluated on a fixed seeded subset of test points
+(:func:`marginlab.evaluation.evaluate_robustness`: a min-norm bound, PGD, then AutoAttack) into the
 sub-run's ``robustness.json``. Finally ``table.csv``/``table.md``/``sweep.csv`` and a summary that says per
 base whether ``regularized`` beats ``standard`` on mean margin and on robust accuracy, either way.
 
@@ -14,7 +17,6 @@ be resumed or reproduced even after the preset files change.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import re
@@ -22,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from marginlab.config import check_positive, load_toml, require
-from marginlab.errors import ConfigError, RunDirError
+from marginlab.config import check_positive, load_toml, merge_overrides, require
+from marginlab.errors import ConfigError, MarginlabError
 from marginlab.regularizers import RECIPES
-from marginlab.runs import CONFIG, SUMMARY, RunDir
+from marginlab.runs import ROBUSTNESS, WEIGHTS, RunDir, subrun_dir
 
 log = logging.getLogger(__name__)
 
-ROBUSTNESS_FILE = "robustness.json"
 CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"  # the project's presets (source checkout)
 # Reference L2 radii (DESIGN.md §2). MNIST-LR has none in the reference; 1.0 (as the MNIST-MLP) is ours.
 REFERENCE_EPS = {"mnist-lr": 1.0, "mnist-mlp": 1.0, "mnist-cnn": 2.0, "cifar-cnn": 0.4}
@@ -91,24 +92,6 @@ class BaseConfig:
     @property
     def reference_eps(self) -> float:
         return self.eps if self.eps is not None else REFERENCE_EPS[self.model_name]
-
-
-def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` with ``overrides`` applied: dotted keys (``"train.epochs"``) and nested
-    tables are both accepted; tables merge into tables, anything else replaces the value."""
-    out = copy.deepcopy(config)
-    for key, value in overrides.items():
-        *parents, leaf = str(key).split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf] = merge_overrides(node[leaf], value)
-        else:
-            node[leaf] = copy.deepcopy(value)
-    return out
 
 
 @dataclass(frozen=True)
@@ -198,7 +181,7 @@ def subrun_config(base: BaseConfig, recipe: str, seed: int) -> dict[str, Any]:
     """The ``train`` config of one sub-run: the base with ``seed`` and ``recipe`` (validated)."""
     from marginlab.runner import build_config
 
-    raw = copy.deepcopy(base.config)
+    raw = merge_overrides(base.config, {})  # a deep copy
     shared = raw.get("regularizer", {})
     terms = RECIPES[recipe]
     reg = {
@@ -215,55 +198,61 @@ def subrun_config(base: BaseConfig, recipe: str, seed: int) -> dict[str, Any]:
     return raw
 
 
-def subrun_dir(run_dir: str | Path, base: str, recipe: str, seed: int) -> Path:
-    return Path(run_dir) / "runs" / base / f"{recipe}-seed{seed}"
-
-
 def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     """Train every sub-run, evaluate its robustness, write the tables; return the summary."""
     from marginlab.experiments.compare_tables import summarize, write_tables
+    from marginlab.runner import run_or_resume
 
+    check_bases(cfg)
     for base in cfg.bases:
         for recipe in cfg.recipes:
             for seed in cfg.seeds:
                 path = subrun_dir(rd.path, base.name, recipe, seed)
-                train_subrun(subrun_config(base, recipe, seed), path)
+                run_or_resume(subrun_config(base, recipe, seed), path)
                 evaluate_subrun(path, base, cfg.robustness)
     write_tables(cfg, rd.path)
     return summarize(cfg, rd.path)
 
 
-def train_subrun(raw: dict[str, Any], path: Path) -> str:
-    """Run (``"new"``), resume (``"resume"``) or skip (``"skip"``, finished) one ``train`` sub-run."""
-    from marginlab.config import to_dict
-    from marginlab.runner import build_config, resume_experiment, run_experiment
-    from marginlab.runs import read_config
+def check_bases(cfg: Config) -> None:
+    """Load every base's data and build its model once, before anything trains (see the module doc).
 
-    kind, tcfg = build_config(raw)
-    expected = {"kind": kind, **to_dict(tcfg)}
-    if (path / CONFIG).is_file():
-        if read_config(path) != expected:
-            raise RunDirError(f"{path} holds a different config than this comparison asks for; move it aside")
-        if (path / SUMMARY).is_file():
-            log.info("skipping finished sub-run %s", path)
-            return "skip"
-        log.info("resuming sub-run %s", path)
-        resume_experiment(path)
-        return "resume"
-    log.info("training sub-run %s", path)
-    # a directory without config.json never got past its creation: nothing in it to keep
-    run_experiment(raw, path, force=path.exists())
-    return "new"
+    Loaded splits are cached in this process, so the sub-runs do not read them again."""
+    import torch
+
+    from marginlab.data import load_dataset
+    from marginlab.models import build_model
+
+    for base in cfg.bases:
+        data, model = base.config.get("data", {}), base.config.get("model", {})
+        kw = {"data_dir": data.get("data_dir") or None}
+        spec = data.get("dataset", "mnist")
+        try:
+            train = load_dataset(spec, "train", n=data.get("n_train"), seed=data.get("seed", 0), **kw)
+            load_dataset(spec, "test", **kw)
+            net = build_model(
+                model.get("name", "mnist-mlp"),
+                num_classes=train.num_classes,
+                input_shape=train.input_shape,
+                **model.get("options", {}),
+            )
+            with torch.no_grad():
+                net.eval()(train.x[:1])
+        except ConfigError as e:
+            raise type(e)(f"base {base.name!r}: {e}") from None
+        except Exception as e:  # DataError and friends: name the base, keep the one line
+            if isinstance(e, MarginlabError):
+                raise type(e)(f"base {base.name!r}: {e}") from None
+            raise
 
 
 def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> dict[str, Any]:
     """Robustness of a finished sub-run's model on the fixed test subset into ``robustness.json``."""
     from marginlab.evaluation import evaluate_robustness, load_eval_data, load_model
-    from marginlab.experiments.deep import WEIGHTS
     from marginlab.fsio import atomic_write_json, read_json
     from marginlab.runs import read_config
 
-    out = path / ROBUSTNESS_FILE
+    out = path / ROBUSTNESS
     if out.is_file():
         return read_json(out)
     tcfg = read_config(path)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from marginlab.evaluation import paired_difference
-from marginlab.experiments.compare import ROBUSTNESS_FILE, subrun_dir
+from marginlab.runs import ROBUSTNESS, SWEEP_CSV, TABLE_CSV, TABLE_MD, subrun_dir
 
 if TYPE_CHECKING:
     from marginlab.experiments.compare import Config
@@ -47,7 +47,7 @@ def seed_metrics(path: Path) -> dict[str, Any]:
     from marginlab.fsio import read_json
     from marginlab.runs import read_config, read_summary
 
-    s, tcfg, res = read_summary(path), read_config(path), read_json(path / ROBUSTNESS_FILE)
+    s, tcfg, res = read_summary(path), read_config(path), read_json(path / ROBUSTNESS)
     est = tcfg["tracking"]["estimators"][0]
     margins = s.get("margins", {}).get(est, {})
     out: dict[str, Any] = {
@@ -130,7 +130,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
 
     rows = collect(cfg, run_dir)
     header = [*HEADLINE, "sweep_eps", f"sweep_{cfg.robustness.attacks[0]}", "sweep_worst"]
-    atomic_write_text(run_dir / "table.csv", csv_text(header, [_headline(r) for r in rows]))
+    atomic_write_text(run_dir / TABLE_CSV, csv_text(header, [_headline(r) for r in rows]))
     tidy = [
         [
             r["base"],
@@ -145,7 +145,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
         for e in r["eps"]
     ]
     atomic_write_text(
-        run_dir / "sweep.csv",
+        run_dir / SWEEP_CSV,
         csv_text(["base", "recipe", "eps", "bound", "pgd", "autoattack", "worst"], tidy),
     )
     md = [
@@ -174,7 +174,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
         ]
         warns = [f"- {r['recipe']}: {w}" for r in mine for w in r["warnings"]]
         md += ["\nWarnings:\n\n" + "\n".join(warns) + "\n"] if warns else []
-    atomic_write_text(run_dir / "table.md", "\n".join(md))
+    atomic_write_text(run_dir / TABLE_MD, "\n".join(md))
 
 
 def _notes(cfg: Config) -> str:

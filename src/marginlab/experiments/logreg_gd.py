@@ -32,19 +32,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from marginlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from marginlab.config import check_positive, require
-from marginlab.errors import ConfigError
-from marginlab.fsio import atomic_torch_save, atomic_write_with
+from marginlab.errors import ConfigError, RunDirError
+from marginlab.fsio import atomic_write_with, read_npz
 from marginlab.logistic import LogisticGD
-from marginlab.runs import RunDir
+from marginlab.runs import ADV_IMAGES, SVM, RunDir, margins_file
 from marginlab.seed import seed_everything
 
 log = logging.getLogger(__name__)
 
-MARGINS_DIR = "margins"
-SVM_FILE = "svm.npz"
 SVM_KINDS = ("free", "regularized")  # bias treatments, see _fit_svms
-ADV_FILE = "adv_images.npz"
 
 
 @dataclass(frozen=True)
@@ -180,10 +178,13 @@ def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     (w, b) with the bias penalised like a weight, i.e. the SVM of the points [x, 1]; this is where GD on a
     model with a bias converges in direction (Soudry et al. treat the bias as a weight on a constant 1).
     """
-    path = rd.path / SVM_FILE
+    path = rd.path / SVM
     if path.is_file():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        svm = read_npz(path)
+        missing = [f"{b}_{k}" for b in SVM_KINDS for k in ("w", "b", "margin") if f"{b}_{k}" not in svm]
+        if missing or svm[f"{SVM_KINDS[0]}_w"].shape != (x.shape[1],):
+            raise RunDirError(f"{path} does not hold this run's SVMs; delete it to refit them")
+        return svm
     from marginlab.svm import hard_margin_svm
 
     svm: dict[str, Any] = {}
@@ -207,7 +208,7 @@ def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
 
 def _save_adv_images(rd: RunDir, test: Any, k: int, seed: int) -> None:
     """Keep ``k`` fixed test images (half per class) so the adversarial figure needs no dataset."""
-    if k == 0 or (rd.path / ADV_FILE).is_file():
+    if k == 0 or (rd.path / ADV_IMAGES).is_file():
         return
     gen = torch.Generator().manual_seed(seed)
     picks = []
@@ -217,7 +218,7 @@ def _save_adv_images(rd: RunDir, test: Any, k: int, seed: int) -> None:
     idx = torch.cat(picks)
     arrays = {"x": test.x[idx].numpy(), "y": test.y[idx].numpy(), "index": idx.numpy()}
     arrays["classes"] = np.array(test.classes)  # names of the -1 and +1 classes, for titles
-    atomic_write_with(rd.path / ADV_FILE, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write_with(rd.path / ADV_IMAGES, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _initial(cfg: Config, d: int) -> tuple[torch.Tensor, float]:
@@ -240,13 +241,11 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
 
     w0, b0 = _initial(cfg, xtr.shape[1])
     start_epoch, metrics = 0, []
-    if resume and rd.checkpoint.is_file():
-        ck = torch.load(rd.checkpoint, weights_only=True)
-        w0, b0, start_epoch = ck["w"], float(ck["b"]), int(ck["epoch"])
-        metrics = [m for m in rd.metrics() if m["epoch"] <= start_epoch]  # drop records past the checkpoint
-        rd.rewrite_metrics(metrics)
-    elif resume:
-        rd.rewrite_metrics([])
+    if resume:
+        ck = load_checkpoint(rd.checkpoint) if rd.checkpoint.is_file() else None
+        if ck is not None:
+            w0, b0, start_epoch = _weights_from(ck, rd, xtr.shape[1])
+        metrics = rd.rewind(start_epoch if ck is not None else -1)  # drop records past the checkpoint
 
     gd = LogisticGD(xtr, ytr, w0, b0, step_fraction=cfg.step_fraction, device=device)
     xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
@@ -268,9 +267,21 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
             metrics.append(rec)
             if epoch in snaps:
                 _save_snapshot(rd, epoch, w, b, margins)
-            atomic_torch_save({"epoch": epoch, "w": w.cpu(), "b": b}, rd.checkpoint)
+            # GD is deterministic: the weights and the epoch are all a resume needs (no RNG, no optimizer)
+            model = {"w": w.cpu(), "b": torch.tensor(b, dtype=torch.float64)}
+            save_checkpoint(
+                rd.checkpoint, Checkpoint(epoch=epoch, step=epoch, model=model, optimizer={}, rng=[])
+            )
             bar.set_postfix(min=f"{rec['train']['margin']['min']:.3f}", cos=f"{rec['cos_svm_reg']:.3f}")
     return _summary(cfg, gd, svm, metrics, gd_seconds, n=(len(ytr), len(yte)), device=device)
+
+
+def _weights_from(ck: Checkpoint, rd: RunDir, d: int) -> tuple[torch.Tensor, float, int]:
+    """(w [d], b, epoch) of a logreg-gd checkpoint, checked against the data's dimension ``d``."""
+    w, b = ck.model.get("w"), ck.model.get("b")
+    if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor) or tuple(w.shape) != (d,):
+        raise RunDirError(f"checkpoint {rd.checkpoint} does not hold this run's (w, b); delete it to restart")
+    return w.double(), float(b), ck.epoch
 
 
 def _record(
@@ -292,7 +303,7 @@ def _record(
 
 def _save_snapshot(rd: RunDir, epoch: int, w: torch.Tensor, b: float, margins: dict[str, np.ndarray]) -> None:
     arrays = {"epoch": np.int64(epoch), "w": w.cpu().numpy(), "b": np.float64(b), **margins}
-    path = rd.path / MARGINS_DIR / f"epoch-{epoch:07d}.npz"
+    path = margins_file(rd.path, epoch)
     atomic_write_with(path, lambda f: np.savez_compressed(f, **arrays))
 
 

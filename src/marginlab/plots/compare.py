@@ -17,7 +17,7 @@ import numpy as np
 
 from marginlab.plots.common import new_figure, save
 from marginlab.plots.training import draw_series
-from marginlab.runs import read_config, read_metrics
+from marginlab.runs import FIGURES, METRICS, ROBUSTNESS, read_config, read_metrics, subrun_dir
 from marginlab.tracking import SPLITS, load_points, series
 
 RECIPE_COLORS = {"standard": "tab:blue", "constraint": "tab:green", "regularized": "tab:red"}
@@ -32,10 +32,8 @@ def _layout(run_dir: Path) -> tuple[list[str], list[str], list[int]]:
 
 def _subruns(run_dir: Path, base: str, recipe: str, seeds: list[int]) -> list[Path]:
     """The finished sub-run directories of one base × recipe (missing ones are left out)."""
-    from marginlab.experiments.compare import subrun_dir
-
     paths = [subrun_dir(run_dir, base, recipe, s) for s in seeds]
-    return [p for p in paths if (p / "metrics.jsonl").is_file()]
+    return [p for p in paths if (p / METRICS).is_file()]
 
 
 def _estimator(path: Path) -> str:
@@ -46,14 +44,11 @@ def plot_compare(run_dir: str | Path) -> list[Path]:
     """Draw every figure into ``run_dir/figures``; returns the files written."""
     run_dir = Path(run_dir)
     bases, recipes, seeds = _layout(run_dir)
-    figures = run_dir / "figures"
+    figures = run_dir / FIGURES
     out = [plot_margin_curves(run_dir, bases, recipes, seeds, figures / "margin_curves.png")]
     out.append(plot_histograms(run_dir, bases, recipes, seeds, figures / "histograms.png"))
     if any(
-        (p / "robustness.json").is_file()
-        for b in bases
-        for r in recipes
-        for p in _subruns(run_dir, b, r, seeds)
+        (p / ROBUSTNESS).is_file() for b in bases for r in recipes for p in _subruns(run_dir, b, r, seeds)
     ):
         out.append(plot_robustness(run_dir, bases, recipes, seeds, figures / "robustness.png"))
     return out
@@ -146,7 +141,7 @@ def plot_histograms(
 def _robustness(sub: Path) -> dict[str, Any] | None:
     from marginlab.fsio import read_json
 
-    f = sub / "robustness.json"
+    f = sub / ROBUSTNESS
     return read_json(f) if f.is_file() else None
 
 

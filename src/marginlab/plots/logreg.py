@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from marginlab.fsio import read_npz
 from marginlab.plots.common import new_figure, save
-from marginlab.runs import read_metrics
+from marginlab.runs import ADV_IMAGES, FIGURES, SVM, margins_files, read_metrics
 
 SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
 
@@ -27,7 +28,7 @@ def plot_logreg(run_dir: Path) -> list[Path]:
     """Draw every figure into ``run_dir/figures``; returns their paths (figures lacking data are skipped)."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
-    out = run_dir / "figures"
+    out = run_dir / FIGURES
     svm = _svm_margins(run_dir)
     paths = []
     if metrics:
@@ -39,33 +40,31 @@ def plot_logreg(run_dir: Path) -> list[Path]:
     snaps = _snapshots(run_dir)
     if snaps:
         paths.append(_histograms(snaps, svm.get("free"), out / "histograms.png"))
-        if (run_dir / "adv_images.npz").is_file():
+        if (run_dir / ADV_IMAGES).is_file():
             shape = _image_shape(run_dir)
-            paths.append(_adversarial(snaps, run_dir / "adv_images.npz", shape, out / "adversarial.png"))
+            paths.append(_adversarial(snaps, run_dir / ADV_IMAGES, shape, out / "adversarial.png"))
     return paths
 
 
 # -- reading ------------------------------------------------------------------------------------------
 def _svm_margins(run_dir: Path) -> dict[str, float]:
     """Geometric margins of the SVMs: ``free`` (classical), ``regularized`` (bias penalised, GD's limit)."""
-    path = run_dir / "svm.npz"
+    path = run_dir / SVM
     if not path.is_file():
         return {}
-    with np.load(path) as z:
-        return {k: float(z[f"{k}_margin"]) for k in ("free", "regularized") if f"{k}_margin" in z.files}
+    z = read_npz(path)
+    return {k: float(z[f"{k}_margin"]) for k in ("free", "regularized") if f"{k}_margin" in z}
 
 
 def _snapshots(run_dir: Path) -> list[dict[str, Any]]:
     snaps = []
-    for path in sorted((run_dir / "margins").glob("epoch-*.npz")):
-        with np.load(path) as z:
-            snaps.append({k: z[k] for k in z.files})
+    for path in margins_files(run_dir).values():
+        snaps.append(read_npz(path))
     return sorted(snaps, key=lambda s: int(s["epoch"]))
 
 
 def _image_shape(run_dir: Path) -> tuple[int, ...]:
-    with np.load(run_dir / "adv_images.npz") as z:
-        return tuple(z["x"].shape[1:])
+    return tuple(read_npz(run_dir / ADV_IMAGES)["x"].shape[1:])
 
 
 def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[np.ndarray, np.ndarray]:
@@ -166,13 +165,11 @@ def _histograms(snaps: list[dict[str, Any]], svm_margin: float | None, path: Pat
 def _adversarial(snaps: list[dict[str, Any]], images: Path, shape: tuple[int, ...], path: Path) -> Path:
     from marginlab.linear import minimal_adversarial
 
-    with np.load(images) as z:
-        x, y = torch.from_numpy(z["x"]).double().flatten(1), torch.from_numpy(z["y"]).double()
-        names = (
-            [f"{c} (y={s})" for c, s in zip(z["classes"], ("-1", "+1"), strict=True)]
-            if "classes" in z.files
-            else []
-        )
+    z = read_npz(images)
+    x, y = torch.from_numpy(z["x"]).double().flatten(1), torch.from_numpy(z["y"]).double()
+    names = (
+        [f"{c} (y={s})" for c, s in zip(z["classes"], ("-1", "+1"), strict=True)] if "classes" in z else []
+    )
     k, cols = len(y), 1 + 2 * len(snaps)
     fig, axes = new_figure(k, cols, size=(1.25 * cols, 1.7 * k))
     axes = np.asarray(axes).reshape(k, cols)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from marginlab.plots.common import new_figure, save
-from marginlab.runs import read_config, read_metrics
+from marginlab.runs import FIGURES, read_config, read_metrics
 from marginlab.tracking import SPLITS, load_points, series
 
 SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
@@ -30,7 +30,7 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     records = read_metrics(run_dir)
     cfg = read_config(run_dir)
     title = f"{cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('dataset', '?')}"
-    figures = run_dir / "figures"
+    figures = run_dir / FIGURES
     out = []
     names = estimator_names(records)
     if names:

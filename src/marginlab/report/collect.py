@@ -16,12 +16,20 @@ from typing import Any
 
 from marginlab.errors import ConfigError, RunDirError
 from marginlab.fsio import read_json
-from marginlab.runs import CONFIG, FIGURES, SUMMARY, read_config, read_metrics
+from marginlab.runs import (
+    CONFIG,
+    FIGURES,
+    SUMMARY,
+    SWEEP_MANIFEST,
+    TABLE_CSV,
+    TABLE_MD,
+    read_config,
+    read_metrics,
+)
 
 # Results tables written by experiments that compare several models; the CSV is preferred when both
 # exist (they hold the same numbers, and the CSV renders as a real table).
-TABLE_FILES = ("table.csv", "table.md")
-SWEEP_MANIFEST = "sweep.json"  # = marginlab.sweep.MANIFEST (not imported: sweep imports this package)
+TABLE_FILES = (TABLE_CSV, TABLE_MD)
 
 
 @dataclass(frozen=True)

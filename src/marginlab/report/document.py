@@ -24,6 +24,7 @@ from marginlab.report.tables import (
     shared_keys,
     union_keys,
 )
+from marginlab.runs import FIGURES
 
 MAX_METRIC_ROWS = 6  # evenly spaced records, first and last included
 MAX_METRIC_COLUMNS = 12
@@ -119,7 +120,7 @@ def _run_section(run: RunInfo) -> list[Block]:
     blocks.append(Code(json.dumps(run.config, indent=2), "json", collapsed=f"config.json of {run.label}"))
     if run.figures:
         blocks.append(Heading(3, "Figures"))
-        figures_dir = run.path / "figures"
+        figures_dir = run.path / FIGURES
         blocks += [Figure(p, p.relative_to(figures_dir).as_posix(), run.label) for p in run.figures]
     return blocks
 
