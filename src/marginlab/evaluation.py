@@ -101,22 +101,20 @@ def load_eval_data(
 
 def load_model(
     name: str,
-    weights: str | Path,
+    weights: str | Path | None,
     *,
     num_classes: int,
     input_shape: Sequence[int],
     options: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """Architecture ``name`` of ``marginlab.models.MODELS`` with the ``state_dict`` in ``weights``, in
-    eval mode. Wrong architectures and non-finite weights raise :class:`ConfigError` (one line)."""
-    from marginlab.models import build_model, load_weights
+    """The model ``name`` (any spec of :mod:`marginlab.model_io`: a registry name, ``FILE.py:Class``, a
+    TorchScript or ONNX file) with ``weights`` loaded, in eval mode; user errors: one-line ConfigError.
+    :func:`marginlab.model_io.load_model` also takes preprocessing and key maps and records the load."""
+    from marginlab import model_io
 
-    model = build_model(name, num_classes=num_classes, input_shape=tuple(input_shape), **(options or {}))
-    load_weights(model, weights)
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ConfigError(f"weights file {weights} holds NaN or infinite values (first: {bad[0]!r})")
-    return model.eval()
+    return model_io.load_model(
+        name, weights, num_classes=num_classes, input_shape=input_shape, options=options
+    ).model
 
 
 def evaluate_robustness(

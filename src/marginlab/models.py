@@ -9,15 +9,28 @@ difference: the released MLPs use softplus, DESIGN.md §2 says ReLU; ReLU is the
 """
 
 import inspect
+import types
+import typing
+from collections import abc
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from marginlab.errors import ConfigError
 from marginlab.registry import Registry
+from marginlab.weights import LoadedWeights, load_weights
+
+__all__ = [
+    "MODELS",
+    "LoadedWeights",
+    "MarginNet",
+    "build_model",
+    "check_options",
+    "linear_layers",
+    "load_weights",
+]
 
 Shape = tuple[int, int, int]
 MNIST_SHAPE: Shape = (1, 28, 28)
@@ -112,6 +125,8 @@ def cnn(
         raise ConfigError("cnn channels and fc must be non-empty lists of positive ints; pool_every >= 1")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    if kernel_size < 1 or padding < 0:
+        raise ConfigError(f"cnn needs kernel_size >= 1 and padding >= 0, got {kernel_size} and {padding}")
     layers: list[nn.Module] = []
     c_in = shape[0]
     for i, c in enumerate(channels, start=1):
@@ -158,20 +173,99 @@ def build_model(
     """Build architecture ``name`` from :data:`MODELS`; ``None`` keeps the architecture's default.
 
     Extra keyword arguments set architecture options (``widths``, ``channels``, ``dropout``...);
-    unknown ones raise :class:`ConfigError`.
+    unknown or wrongly typed ones raise :class:`ConfigError`.
     """
     factory = MODELS.get(name)
-    allowed = set(inspect.signature(factory).parameters) - {"input_shape", "num_classes"}
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"model {name!r} has no option {unknown[0]!r}; options: {', '.join(sorted(allowed)) or 'none'}"
-        )
+    check_options(factory, kwargs, f"model {name!r}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if input_shape is not None:
         kwargs["input_shape"] = input_shape
     return factory(**kwargs)
+
+
+RESERVED = ("input_shape", "num_classes")  # set from the data, never by an option
+
+
+def check_options(factory: Callable[..., object], options: dict[str, object], what: str) -> None:
+    """Check ``options`` against ``factory``'s signature and type annotations (one-line ConfigError).
+
+    Unknown names (unless the factory takes ``**kwargs``), the reserved :data:`RESERVED` names and values
+    whose type does not fit the annotation (``widths="abc"`` for ``Sequence[int]``) are errors; a
+    parameter without annotation or with an annotation we cannot check accepts anything.
+    """
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    allowed = [n for n, q in params.items() if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+    allowed = [n for n in allowed if n not in RESERVED]
+    takes_any = any(q.kind is q.VAR_KEYWORD for q in params.values())
+    for key, value in options.items():
+        if key in RESERVED or (key not in allowed and not takes_any):
+            raise ConfigError(
+                f"{what} has no option {key!r} (input shape and classes come from the data); "
+                f"options: {', '.join(sorted(allowed)) or 'none'}"
+            )
+        hint = _hints(factory).get(key, inspect.Parameter.empty)
+        if not _fits(value, hint):
+            raise ConfigError(f"{what} option {key!r} must be {_describe(hint)}, got {value!r}")
+    for name in allowed:
+        q = params[name]
+        if q.default is q.empty and name not in options:
+            raise ConfigError(f"{what} needs option {name!r}: add --option {name}=VALUE (model.options)")
+
+
+def _hints(factory: Callable[..., object]) -> dict[str, object]:
+    """Resolved annotations of a function, a ``functools.partial`` of one, or a class's ``__init__``."""
+    target = factory.func if isinstance(factory, partial) else factory
+    target = target.__init__ if isinstance(target, type) else target
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable forward references in user code: check nothing rather than fail
+        return {}
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether a TOML-parsed ``value`` fits the annotation ``hint`` (unknown annotations accept all)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (inspect.Parameter.empty, typing.Any, object):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):  # TOML gives ints for whole numbers; a bool is never a number here
+        return isinstance(value, int if hint is int else int | float) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence, abc.Sequence, abc.Iterable, abc.Collection):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+        return all(_fits(v, args[0]) for v in value) if args else True
+    if origin in (dict, abc.Mapping):
+        return isinstance(value, dict) and (not args or all(_fits(v, args[1]) for v in value.values()))
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: object) -> str:
+    """``Sequence[int]`` -> ``"a list of int"`` (for error messages)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple, Sequence, abc.Sequence, abc.Iterable, abc.Collection):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if hint is type(None):
+        return "none"
+    return getattr(hint, "__name__", str(hint))
 
 
 def linear_layers(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -180,47 +274,3 @@ def linear_layers(model: nn.Module) -> Iterator[torch.Tensor]:
     for m in model.modules():
         if isinstance(m, nn.Linear | nn.Conv2d):
             yield m.weight
-
-
-def _state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Accept a plain state_dict, or a checkpoint dict holding one under a usual key."""
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("model_state_dict", "state_dict", "model"):
-            if key in obj:
-                return _state_dict_from(obj[key], path)
-    raise ConfigError(f"weights file {path} does not hold a PyTorch state_dict (a dict of tensors)")
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a plain PyTorch ``state_dict`` from ``path`` into ``model`` (in place; returns it).
-
-    Checkpoint dicts holding the state_dict under ``model_state_dict``/``state_dict``/``model``
-    are accepted too. Raises :class:`ConfigError` naming the first offending key when the file does
-    not match the architecture.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"weights file {path} not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad files (pickle, zip, EOF, runtime)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot read weights file {path}: {msg}") from None
-    state = _state_dict_from(obj, path)
-    own = model.state_dict()
-    arch = type(model).__name__
-    for key in own:
-        if key not in state:
-            raise ConfigError(f"weights file {path} does not fit this {arch}: missing key {key!r}")
-    for key, value in state.items():
-        if key not in own:
-            raise ConfigError(f"weights file {path} does not fit this {arch}: unexpected key {key!r}")
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ConfigError(
-                f"weights file {path} does not fit this {arch}: {key!r} has shape "
-                f"{tuple(value.shape)}, expected {tuple(own[key].shape)}"
-            )
-    model.load_state_dict(state)
-    return model

@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
         ESTIMATORS.get(name)
     p = norm_order(args.p)
     params = _parse_params(args.param, names)
-    model, data, index = load_from_args(args)
+    model, data, index, loaded = load_from_args(args)
     margins, seconds = timed_margins(
         model, data.x, data.y, names, p=p, batch_size=args.batch_size, params=params
     )
@@ -143,6 +143,7 @@ def main(args: argparse.Namespace) -> int:
     columns |= {n: m.tolist() for n, m in margins.items()}
     _write_table(out, columns)
     summary = _summary(args, names, margins, seconds, float((pred == data.y).double().mean()))
+    summary["loaded_model"] = loaded  # spec, weights, key mapping, preprocessing
     from marginlab.fsio import atomic_write_json
 
     atomic_write_json(summary_path(out), summary)
@@ -168,7 +169,7 @@ def _summary(
 
     return {
         "model": args.model,
-        "weights": str(args.weights),
+        "weights": args.weights,
         "data": args.data,
         "split": args.split,
         "n": len(next(iter(margins.values()))),

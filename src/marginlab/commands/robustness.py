@@ -23,14 +23,34 @@ DEFAULT_N = 500
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options that name a model, its weights and the points to evaluate (shared with ``margins``)."""
-    p.add_argument("--model", required=True, help="architecture name (marginlab.models.MODELS)")
-    p.add_argument("--weights", required=True, help="a PyTorch state_dict file for that architecture")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a registry name (marginlab.models.MODELS), FILE.py:Class, package.module:factory, "
+        "a TorchScript file or an .onnx file (needs marginlab[onnx])",
+    )
+    p.add_argument(
+        "--weights",
+        help="a state_dict or checkpoint file (needed for registry models; TorchScript/ONNX hold their own)",
+    )
     p.add_argument(
         "--option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="architecture option, e.g. --option widths=[256] (repeatable)",
+    )
+    p.add_argument(
+        "--preprocess",
+        metavar="mean=M,std=S",
+        help="input normalisation folded into the model, e.g. mean=0.1307,std=0.3081 or "
+        "mean=0.49,0.48,0.45,std=0.25,0.24,0.26 (attacks and eps stay in [0,1] pixels)",
+    )
+    p.add_argument(
+        "--key-map",
+        metavar="OLD=NEW,...",
+        help="rename checkpoint key prefixes, e.g. features.=phi.,fc3.=head. (foreign names that pair "
+        "up in order with the model's are mapped without it)",
     )
     p.add_argument(
         "--data", required=True, help="dataset spec: mnist, fashion-mnist, cifar10, digits, mnist:0,1"
@@ -60,28 +80,35 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(model, dataset, index)`` from the options of :func:`add_model_arguments` (user errors: one line)."""
-    from marginlab.evaluation import load_eval_data, load_model
-    from marginlab.models import MODELS
+def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(model, dataset, index, record)`` from the options of :func:`add_model_arguments`; ``record``
+    says what was loaded (:func:`marginlab.model_io.load_model`). User errors: one line."""
+    from marginlab import model_io
+    from marginlab.evaluation import load_eval_data
 
-    MODELS.get(args.model)  # an unknown name fails before any data is read
+    # every cheap check first: a bad spec, option or file fails before any data is read
+    model_io.resolve_spec(args.model)
+    preprocess = model_io.parse_preprocess(args.preprocess)
+    key_map = model_io.parse_key_map(args.key_map)
+    options = parse_options(args.option)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
-    if not Path(args.weights).is_file():
+    if args.weights is not None and not Path(args.weights).is_file():
         raise ConfigError(f"weights file {args.weights} not found")
     n = None if args.all else DEFAULT_N if args.n is None else args.n
     data, index = load_eval_data(
         args.data, args.split, n=n, seed=args.seed, data_dir=args.data_dir, clip=args.n is None
     )
-    model = load_model(
+    loaded = model_io.load_model(
         args.model,
         args.weights,
         num_classes=data.num_classes,
         input_shape=data.input_shape,
-        options=parse_options(args.option),
+        options=options,
+        preprocess=preprocess,
+        key_map=key_map,
     )
-    return model, data, index
+    return loaded.model, data, index, loaded.record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    model, data, _ = load_from_args(args)
+    model, data, _, loaded = load_from_args(args)
     result = evaluate_robustness(
         model,
         data.x,
@@ -134,7 +161,8 @@ def main(args: argparse.Namespace) -> int:
     )
     record = {
         "model": args.model,
-        "weights": str(args.weights),
+        "weights": args.weights,
+        "loaded_model": loaded,
         "data": args.data,
         "split": args.split,
         "seed": args.seed,

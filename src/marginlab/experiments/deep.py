@@ -18,7 +18,6 @@ from torch import nn
 
 from marginlab.config import check_positive
 from marginlab.distributed import init_distributed
-from marginlab.errors import ConfigError
 from marginlab.fsio import atomic_torch_save
 from marginlab.regularizers import RegularizerConfig
 from marginlab.runs import RunDir
@@ -51,24 +50,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``name``: an architecture of ``marginlab.models.MODELS``; ``options``: its keyword options
+    """``name``: an architecture of ``marginlab.models.MODELS`` or ``FILE.py:Class`` /
+    ``package.module:factory`` (see :mod:`marginlab.model_io`); ``options``: its keyword options
     (``widths``, ``channels``, ``dropout``...). The input shape and class count come from the dataset."""
 
     name: str = "mnist-mlp"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import inspect
+        from marginlab.model_io import check_spec
 
-        from marginlab.models import MODELS
-
-        allowed = set(inspect.signature(MODELS.get(self.name)).parameters) - {"input_shape", "num_classes"}
-        for key in self.options:
-            if key not in allowed:
-                raise ConfigError(
-                    f"model {self.name!r} has no option {key!r} (input shape and classes come from the "
-                    f"dataset); options: {', '.join(sorted(allowed)) or 'none'}"
-                )
+        check_spec(self.name, self.options)  # a registry name or FILE.py:Class; option names and types
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,7 @@ class Config:
 def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     """Train, track margins into ``rd`` and return the summary (see :func:`summarize`)."""
     from marginlab.data import load_dataset
-    from marginlab.models import build_model
+    from marginlab.model_io import build_from_spec
     from marginlab.regularizers import build_regularizers
     from marginlab.seed import seed_everything
     from marginlab.tracking import MarginTracker
@@ -115,9 +107,8 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     train = load_dataset(d.dataset, "train", n=d.n_train, seed=d.seed, data_dir=d.data_dir)
     test = load_dataset(d.dataset, "test", data_dir=d.data_dir)
     seed_everything(cfg.seed)  # the initial weights depend on the seed alone
-    model = build_model(
-        cfg.model.name, num_classes=train.num_classes, input_shape=train.input_shape, **cfg.model.options
-    )
+    shape = {"num_classes": train.num_classes, "input_shape": train.input_shape}
+    model = build_from_spec(cfg.model.name, **shape, options=cfg.model.options)
     regularizers = build_regularizers(cfg.regularizer, cfg.model.name, d.dataset)
     splits = {"train": (train.x, train.y), "test": (test.x, test.y)}
     tracker = MarginTracker(cfg.tracking, splits, seed=cfg.seed, device=device, dist=dist)
