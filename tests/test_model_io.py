@@ -183,11 +183,13 @@ def test_torchscript_archive(net_file, data, tmp_path, how):
 
 def test_onnx_file(net_file, data, tmp_path):
     pytest.importorskip("onnx2torch", exc_type=ImportError)  # needs torchvision: not beside the CPU torch
-    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")  # torch.onnx.export's exporter
     torch.manual_seed(4)
     ref = _import(net_file).SmallCNN(width=4, mean=0.5, std=0.5).eval()
-    torch.onnx.export(ref, (data.x[:1],), str(tmp_path / "model.onnx"), dynamic_axes={"x": {0: "n"}},
-                      input_names=["x"])  # fmt: skip
+    batch = {"x": {0: torch.export.Dim.DYNAMIC}}
+    torch.onnx.export(
+        ref, (data.x[:2],), str(tmp_path / "model.onnx"), dynamic_shapes=batch, external_data=False
+    )
     got, summary = _cli_margins(tmp_path, "--model", str(tmp_path / "model.onnx"))
     np.testing.assert_allclose(got, _first_order(ref, data), rtol=1e-5)
     assert summary["loaded_model"]["kind"] == "onnx"

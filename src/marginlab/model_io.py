@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import re
 import sys
 import warnings
@@ -36,6 +37,7 @@ from torch import nn
 
 from marginlab.errors import ConfigError, MarginlabError
 
+log = logging.getLogger(__name__)
 KINDS = ("registry", "python", "torchscript", "onnx")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 ONNX_HINT = (
@@ -131,8 +133,11 @@ def model_factory(spec: ModelSpec) -> Callable[..., Any]:
     obj: Any = module
     for part in spec.attr.split("."):
         if not hasattr(obj, part):
-            modules = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)]
-            found = f"; nn.Module classes there: {', '.join(modules)}" if modules else ""
+            mine = [
+                v for v in vars(module).values() if isinstance(v, type) and v.__module__ == module.__name__
+            ]
+            classes = [c.__name__ for c in mine if issubclass(c, nn.Module)]
+            found = f"; nn.Module classes there: {', '.join(classes)}" if classes else ""
             raise ConfigError(f"{spec.source} has no {spec.attr!r}{found}")
         obj = getattr(obj, part)
     if not callable(obj):
@@ -270,19 +275,6 @@ def parse_preprocess(text: str | None) -> dict[str, list[float]] | None:
     return {"mean": mean, "std": std}
 
 
-def parse_key_map(text: str | None) -> dict[str, str]:
-    """``"fc3.=head.,features.=phi."`` -> ``{"fc3.": "head.", "features.": "phi."}`` (prefix renames)."""
-    out: dict[str, str] = {}
-    for item in (s.strip() for s in str(text or "").split(",")):
-        if not item:
-            continue
-        old, sep, new = (s.strip() for s in item.partition("="))
-        if not sep:
-            raise ConfigError(f"--key-map entries are OLD=NEW prefix renames, got {item!r}")
-        out[old] = new
-    return out
-
-
 def check_forward(model: nn.Module, input_shape: Sequence[int], num_classes: int, what: str) -> None:
     """One forward pass on zeros ``[2, C, H, W]`` must give logits ``[2, num_classes]`` (else one line)."""
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
@@ -349,6 +341,8 @@ def load_model(
     record["parameters"] = sum(t.numel() for t in model.state_dict().values())
     model.eval()
     check_forward(model, input_shape, num_classes, f"model {spec!r}")
+    log.info("loaded model %s (%s, %d parameters) with weights %s", spec, ms.kind, record["parameters"],
+             record["weights"] or "from the model itself")  # fmt: skip
     return LoadedModel(model, record)
 
 

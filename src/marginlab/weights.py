@@ -120,6 +120,19 @@ def apply_key_map(state: dict[str, torch.Tensor], key_map: dict[str, str]) -> di
     return out
 
 
+def parse_key_map(text: str | None) -> dict[str, str]:
+    """``"fc3.=head.,features.=phi."`` -> ``{"fc3.": "head.", "features.": "phi."}`` (prefix renames)."""
+    out: dict[str, str] = {}
+    for item in (s.strip() for s in str(text or "").split(",")):
+        if not item:
+            continue
+        old, sep, new = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise ConfigError(f"--key-map entries are OLD=NEW prefix renames, got {item!r}")
+        out[old] = new
+    return out
+
+
 def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 

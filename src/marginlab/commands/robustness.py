@@ -85,11 +85,12 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, A
     says what was loaded (:func:`marginlab.model_io.load_model`). User errors: one line."""
     from marginlab import model_io
     from marginlab.evaluation import load_eval_data
+    from marginlab.weights import parse_key_map
 
     # every cheap check first: a bad spec, option or file fails before any data is read
     model_io.resolve_spec(args.model)
     preprocess = model_io.parse_preprocess(args.preprocess)
-    key_map = model_io.parse_key_map(args.key_map)
+    key_map = parse_key_map(args.key_map)
     options = parse_options(args.option)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
