@@ -9,7 +9,9 @@ import importlib.util
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from marginlab.cli import main
 from marginlab.errors import ConfigError
 from marginlab.estimators import estimate_margins
 from marginlab.evaluation import load_eval_data
-from marginlab.models import build_model, load_weights
+from marginlab.models import build_model, check_options, load_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 N = 30
@@ -361,3 +363,39 @@ def test_train_config_takes_a_python_spec(net_file, tmp_path):
     state = torch.load(run / "model.pt", weights_only=True)
     assert set(state) == {"features.0.weight", "features.0.bias", "fc.weight", "fc.bias"}
     assert state["features.0.weight"].shape == (4, 1, 3, 3)
+
+
+def _factory(
+    a: int = 1,
+    b: float = 0.5,
+    c: tuple[int, int] = (1, 2),
+    d: Literal["x", "y"] = "x",
+    e: int | None = None,
+    f: Sequence[float] = (),
+    g: dict[str, int] | None = None,
+    h=None,
+) -> nn.Module:
+    return nn.Identity()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"a": 2, "b": 1, "c": [3, 4], "d": "y", "e": None, "f": [1, 2.5], "g": {"k": 1}, "h": "any"}, None),
+        ({"a": True}, "'a' must be int, got True"),
+        ({"a": 1.0}, "'a' must be int"),
+        ({"b": "0.5"}, "'b' must be float"),
+        ({"c": [1, 2, 3]}, "'c' must be a list of int"),
+        ({"d": "z"}, "'d' must be one of 'x', 'y'"),
+        ({"e": "3"}, "'e' must be int or none"),
+        ({"f": "abc"}, "'f' must be a list of float"),
+        ({"g": {"k": "v"}}, "'g' must be"),
+        ({"z": 1}, "has no option 'z'"),
+    ],
+)
+def test_options_are_checked_against_annotations(options, match):
+    if match is None:
+        check_options(_factory, options, "model 'f'")
+    else:
+        with pytest.raises(ConfigError, match=match):
+            check_options(_factory, options, "model 'f'")

@@ -1,4 +1,4 @@
-"""``marginlab robustness``: robust accuracy of a trained model (a named architecture + a state_dict).
+"""``marginlab robustness``: robust accuracy of a trained model (any spec of :mod:`marginlab.model_io`).
 
     marginlab robustness --model mnist-mlp --weights model.pt --data mnist --eps 0.5,1,2 --out rob/
 
