@@ -251,11 +251,16 @@ def test_key_map_renames_when_the_order_differs(data, tmp_path, capsys):
     )
     err = _cli_error(tmp_path, capsys, *MLP, "--weights", str(tmp_path / "w.pt"))
     assert "checkpoint key 'fc2.weight' [10, 16] does not match model key 'phi.1.weight' [16, 64]" in err
-    got, summary = _cli_margins(
-        tmp_path, *MLP, "--weights", str(tmp_path / "w.pt"), "--key-map", "fc1.=phi.1.,fc2.=head."
-    )
-    np.testing.assert_array_equal(got, _first_order(ref, data))
-    assert summary["loaded_model"]["key_map"] == {"fc1.": "phi.1.", "fc2.": "head."}
+    for key_map, mapping in [
+        ("fc1.=phi.1.,fc2.=head.", None),
+        ("fc2.=head.", {"fc1.weight": "phi.1.weight", "fc1.bias": "phi.1.bias"}),
+    ]:
+        # renaming the head is enough: the keys still without a model name pair up in order
+        got, summary = _cli_margins(tmp_path, *MLP, "--weights", str(tmp_path / "w.pt"), "--key-map", key_map)
+        np.testing.assert_array_equal(got, _first_order(ref, data))
+        rec = summary["loaded_model"]
+        assert rec["key_map"] == dict(item.split("=") for item in key_map.split(","))
+        assert rec["mapping"] == mapping
 
 
 def test_python_api_returns_the_mapping(tmp_path):
@@ -273,7 +278,11 @@ BAD = {
         ["--weights", "{wide}"],
         "checkpoint key 'fc1.weight' [20, 64] does not match model key 'phi.1.weight' [16, 64]",
     ),
-    "fewer tensors": (["--weights", "{short}"], "the checkpoint has 2 tensors, the model 4"),
+    "fewer tensors": (
+        ["--weights", "{short}"],
+        "2 checkpoint tensors to pair in order with 4 model tensors (first unpaired: model key "
+        "'head.weight')",
+    ),
     "pickled module": (["--weights", "{full}"], "pickled Python objects (marginlab.models.MarginNet)"),
     "two state dicts": (["--weights", "{two}"], "several state_dicts (a, b)"),
     "unused key map": (["--weights", "{wide}", "--key-map", "nope.=phi."], "prefix 'nope.' matches no"),

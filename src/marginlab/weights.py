@@ -3,8 +3,9 @@
 Published checkpoints differ from a plain ``model.state_dict()`` in three ways, all handled here:
 the state_dict sits inside a dict (``{"model_state_dict": ..., "epoch": 90}``), a DataParallel / DDP
 wrapper prefixed every key with ``module.``, or the layers have other names (``fc3.weight`` for our
-``head.weight``). The last is resolved by pairing the tensors in order when every shape matches (the
-mapping is logged and returned so results can record it), or by explicit prefix renames (``key_map``).
+``head.weight``). The last is resolved by explicit prefix renames (``key_map``) and by pairing the
+tensors without a matching name in order with the model's when every shape matches (the mapping is
+logged and returned so that results can record it).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _read_tensors(path: Path) -> object:
     # numpy scalars and dtypes are plain data (checkpoints often store e.g. the best accuracy as one)
     numeric = [getattr(np.dtypes, f"{t}DType") for t in ("Bool", "Float16", "Float32", "Float64")]
     numeric += [getattr(np.dtypes, f"{u}Int{b}DType") for u in ("", "U") for b in (8, 16, 32, 64)]
-    scalar = np._core.multiarray.scalar
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2 / 1.26
     safe = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *numeric]
     try:
         with torch.serialization.safe_globals(safe):
@@ -138,35 +139,33 @@ def _shape(t: torch.Tensor) -> list[int]:
 
 
 def match_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> dict[str, str]:
-    """Checkpoint key -> model key. Equal names must have equal shapes; otherwise (foreign names) the
-    tensors pair up in order, which needs the same count and equal shapes pair by pair. ``where``
-    starts every error message (one line naming the first mismatch)."""
-    if state.keys() & own.keys():  # our own names (maybe a different architecture): match by name
-        for key in own:
-            if key not in state:
-                raise ConfigError(f"{where}: missing key {key!r}")
-        for key, value in state.items():
-            if key not in own:
-                raise ConfigError(f"{where}: unexpected key {key!r}")
-            if value.shape != own[key].shape:
-                raise ConfigError(
-                    f"{where}: {key!r} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
-                )
-        return {k: k for k in state}
-    for (ck, cv), (mk, mv) in zip(state.items(), own.items(), strict=False):
-        if cv.shape != mv.shape:
+    """Checkpoint key -> model key. Keys with the model's names match by name (equal shapes needed); the
+    others (foreign names) pair up in order with the model keys left over, which needs as many of them
+    and equal shapes pair by pair. ``where`` starts every error message (one line, the first mismatch)."""
+    rest = [k for k in state if k not in own]
+    left = [k for k in own if k not in state]
+    if left and not rest:
+        raise ConfigError(f"{where}: missing key {left[0]!r}")
+    if rest and not left:
+        raise ConfigError(f"{where}: unexpected key {rest[0]!r}")
+    for key in (k for k in state if k in own):
+        if state[key].shape != own[key].shape:
             raise ConfigError(
-                f"{where}: checkpoint key {ck!r} {_shape(cv)} does not match model key {mk!r} {_shape(mv)} "
-                "(tensors are paired in order; rename with --key-map old=new)"
+                f"{where}: {key!r} has shape {tuple(state[key].shape)}, expected {tuple(own[key].shape)}"
             )
-    if len(state) != len(own):
-        first = list(state)[len(own)] if len(state) > len(own) else list(own)[len(state)]
-        side = "checkpoint" if len(state) > len(own) else "model"
+    for ck, mk in zip(rest, left, strict=False):
+        if state[ck].shape != own[mk].shape:
+            raise ConfigError(
+                f"{where}: checkpoint key {ck!r} {_shape(state[ck])} does not match model key {mk!r} "
+                f"{_shape(own[mk])} (tensors are paired in order; rename with --key-map old=new)"
+            )
+    if len(rest) != len(left):
+        side, first = ("checkpoint", rest[len(left)]) if len(rest) > len(left) else ("model", left[len(rest)])
         raise ConfigError(
-            f"{where}: the checkpoint has {len(state)} tensors, the model {len(own)} "
+            f"{where}: {len(rest)} checkpoint tensors to pair in order with {len(left)} model tensors "
             f"(first unpaired: {side} key {first!r})"
         )
-    return dict(zip(state, own, strict=True))
+    return {k: k for k in state if k in own} | dict(zip(rest, left, strict=True))
 
 
 def load_weights(
@@ -176,7 +175,8 @@ def load_weights(
 
     Accepts a plain state_dict or a checkpoint holding one (:data:`CHECKPOINT_KEYS`, one or two levels),
     strips DataParallel/DDP ``module.`` prefixes, applies ``key_map`` prefix renames, and maps foreign key
-    names when the tensors pair up in order with equal shapes (the mapping is logged at INFO and returned).
+    names by pairing them in order with the model keys no checkpoint key names (equal shapes needed; the
+    mapping is logged at INFO and returned).
     Files are read with ``weights_only=True``: no pickled code ever runs. Anything that does not fit
     raises :class:`ConfigError` naming the first mismatch.
     """
