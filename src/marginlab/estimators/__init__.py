@@ -6,7 +6,7 @@ bounds) and ``lipschitz`` (a certified lower bound). See :mod:`marginlab.estimat
 sign convention shared by all of them.
 """
 
-from marginlab.estimators import attacks, exact, first_order, lipschitz, sampling  # noqa: F401  (register)
+from marginlab.estimators import attacks, crown, exact, first_order, lipschitz, mip, sampling  # noqa: F401
 from marginlab.estimators.base import ESTIMATORS, Estimator, MarginKind, build_estimator, norm_order
 from marginlab.estimators.best import combine_upper_bounds, estimate_margins
 

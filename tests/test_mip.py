@@ -1,0 +1,134 @@
+"""The ``mip`` estimator: the closed form on linear models, and crown <= exact <= every attack on small
+ReLU nets, with every perturbation it reports checked by a forward pass."""
+
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from marginlab.errors import ConfigError
+from marginlab.estimators import build_estimator, estimate_margins
+from marginlab.estimators.mip import VERIFY_TOL, _blocks, _float64_copy, _Setup, require_scip, solve_point
+from marginlab.linear import linear_margins
+from marginlab.models import build_model
+
+pytest.importorskip("pyscipopt")
+
+
+def _check_perturbations(
+    mip, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float, box: bool
+) -> None:
+    """Each reported delta has the reported norm, stays in the domain and reaches the target class."""
+    for i, r in enumerate(mip.last_details):
+        assert r.status == "exact"
+        if r.delta is None:  # no adversarial anywhere in the box: proved, no perturbation to check
+            assert box and r.upper == math.inf
+            continue
+        assert r.verified
+        assert math.isclose(float(torch.linalg.vector_norm(r.delta, ord=p)), r.upper, rel_tol=1e-9)
+        adv = x[i].double() + r.delta
+        if box:
+            assert adv.min() >= -1e-9 and adv.max() <= 1 + 1e-9
+        with torch.no_grad():
+            logits = _float64_copy(model)(adv[None])[0]
+        if r.target == int(y[i]):  # misclassified point: moved into the region of y
+            assert logits[y[i]] >= logits.max() - VERIFY_TOL
+        else:
+            assert logits[r.target] >= logits[y[i]] - VERIFY_TOL
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf], ids=["l2", "linf"])
+def test_mip_equals_the_closed_form_on_a_linear_model(p: float) -> None:
+    torch.manual_seed(0)
+    model = build_model("lr", input_shape=(1, 3, 3), num_classes=4)
+    x = torch.rand(8, 1, 3, 3)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    exact = linear_margins(model.head.weight.double(), model.head.bias.double(), x.double(), y, p=p)
+    mip = build_estimator("mip", domain="rd", time_limit=30)
+    got = mip(model, x, y, p=p)
+    assert torch.allclose(got, exact, rtol=1e-5, atol=1e-7)
+    _check_perturbations(mip, model, x, y, p, box=False)
+
+
+def test_mip_l1_equals_the_closed_form_on_a_linear_model() -> None:
+    """L1 (not an Estimator norm) through :func:`solve_point`: the closed form's dual norm is L-inf."""
+    torch.manual_seed(1)
+    model = build_model("lr", input_shape=(1, 2, 3), num_classes=3).double().eval()
+    x = torch.rand(5, 1, 2, 3, dtype=torch.float64)
+    y = model(x).argmax(1)
+    exact = linear_margins(model.head.weight, model.head.bias, x, y, p=1)
+    from marginlab.bounds import network_ops
+
+    ops = network_ops(model, (1, 2, 3))
+    setup = _Setup(ops, _blocks(ops), 1.0, False, 30.0)
+    for i in range(5):
+        r = solve_point(model, setup, x[i], int(y[i]), int(y[i]), 10.0)
+        assert r.status == "exact" and r.verified
+        assert math.isclose(r.upper, float(exact[i]), rel_tol=1e-5)
+
+
+def _small_net(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 4-8-8-3 ReLU net on random data, fitted a little so that its boundaries cross the box."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+    )
+    x = torch.rand(60, 1, 2, 2, generator=gen)
+    y = ((x.flatten(1) - 0.5) @ torch.randn(4, 3, generator=gen)).argmax(1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), x[:12], y[:12]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("p", [2.0, math.inf], ids=["l2", "linf"])
+@pytest.mark.parametrize("domain", ["box", "rd"])
+def test_crown_below_exact_below_every_attack_on_small_relu_nets(seed: int, p: float, domain: str) -> None:
+    model, x, y = _small_net(seed)
+    attacks = ["deepfool", "ddn"] if p == 2.0 else ["deepfool", "fmn"]
+    params = {"crown": {"domain": domain}, "best": {"attacks": attacks}}
+    out = estimate_margins(model, x, y, ["crown", *attacks, "best"], p=p, params=params)
+    mip = build_estimator("mip", domain=domain, time_limit=30)
+    exact = mip(model, x, y, p=p)
+    _check_perturbations(mip, model, x, y, p, box=domain == "box")
+    assert (out["crown"].abs() <= exact.abs() * (1 + 1e-6) + 1e-9).all()
+    for name in [*attacks, "best"]:  # attacks that failed give inf, which bounds nothing
+        assert (exact.abs() <= out[name].abs() * (1 + 1e-6) + 1e-9).all(), name
+    assert torch.equal(exact > 0, out["crown"] > 0)
+
+
+def test_the_box_only_removes_perturbations() -> None:
+    model, x, y = _small_net(2)
+    rd = build_estimator("mip", domain="rd")(model, x, y, p=math.inf)
+    box = build_estimator("mip", domain="box")(model, x, y, p=math.inf)
+    assert (box.abs() >= rd.abs() * (1 - 1e-7)).all()
+
+
+def test_time_limit_reports_a_bracket() -> None:
+    torch.manual_seed(3)
+    model = build_model("mlp", input_shape=(1, 6, 6), widths=(40, 40), num_classes=5).eval()
+    x = torch.rand(3, 1, 6, 6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    mip = build_estimator("mip", time_limit=0.05)
+    got = mip(model, x, y, p=2)
+    for value, r in zip(got.tolist(), mip.last_details, strict=True):
+        assert r.status in ("exact", "time limit", "unsolved")
+        assert 0 <= r.lower <= r.upper * (1 + 1e-9) and value == r.upper
+        if r.status == "time limit":
+            assert r.lower < r.upper
+
+
+def test_missing_solver_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyscipopt", None)
+    with pytest.raises(ConfigError, match=r"marginlab\[exact\]"):
+        require_scip()
+    with pytest.raises(ConfigError, match=r"marginlab\[exact\]"):
+        build_estimator("mip")
