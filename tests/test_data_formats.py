@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import idx_bytes
 from marginlab.data import checksums, load_dataset
 from marginlab.data.download import download
 from marginlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, find_idx_pair, read_idx
@@ -20,10 +21,6 @@ from marginlab.data.safe_pickle import load_numpy_pickle
 from marginlab.errors import DataError
 
 RNG = np.random.default_rng(0)
-
-
-def idx_bytes(arr: np.ndarray, magic: int) -> bytes:
-    return b"".join(int(v).to_bytes(4, "big") for v in (magic, *arr.shape)) + arr.astype(np.uint8).tobytes()
 
 
 # ---------------------------------------------------------------------------------------------- IDX

@@ -13,16 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import idx_bytes
 from marginlab.data import DATASETS, data_dir_default, load_dataset, mnist
 from marginlab.data.checksums import OFFICIAL, FileSums
 from marginlab.data.fashion import CLASSES as FASHION_CLASSES
 from marginlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_stems
 from marginlab.data.subsets import resolve_classes
 from marginlab.errors import ConfigError, DataError
-
-
-def idx_bytes(arr: np.ndarray, magic: int) -> bytes:
-    return b"".join(int(v).to_bytes(4, "big") for v in (magic, *arr.shape)) + arr.astype(np.uint8).tobytes()
 
 
 def fake_mnist(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -16,15 +16,6 @@ from marginlab.models import build_model
 ATTACKS = ["deepfool", "ddn", "fmn", "fab"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves (and is pathological on a loaded box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -12,15 +12,6 @@ from marginlab.models import build_model
 SHAPE = (1, 6, 6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves (and is pathological on a loaded box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def closed_form(model, x: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
     """min_{k != y} ((w_y - w_k)·x + b_y - b_k) / ||w_y - w_k||_q, written out here on purpose."""
     w, b = model.head.weight.detach().double(), model.head.bias.detach().double()

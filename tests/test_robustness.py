@@ -19,15 +19,6 @@ from marginlab.robustness.evaluate import _verify
 EPS = [0.05, 0.1, 0.2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: one thread avoids OpenMP spin-waiting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SHAPE = (1, 5, 4)  # d = 20 inputs (L2 Square needs images >= 5 pixels high)
 
 

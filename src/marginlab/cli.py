@@ -54,7 +54,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from marginlab.provenance import set_command
+
     parser = build_parser()
+    set_command(["marginlab", *(sys.argv[1:] if argv is None else argv)])
     # `run CONFIG --out DIR key=value`: overrides may also follow the options (argparse stops
     # collecting a positional list at the first option, so they come back as leftovers).
     args, extra = parser.parse_known_args(argv)

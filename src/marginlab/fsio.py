@@ -58,27 +58,20 @@ def _atomic_file(path: Path, mode: str) -> Iterator[IO[Any]]:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError | RuntimeError) and is_disk_error(e):
+        if isinstance(e, OSError) and is_disk_error(e):
             raise disk_error(path, e) from None
         raise
     _fsync_dir(path.parent)
 
 
 def is_disk_error(e: BaseException) -> bool:
-    """Whether ``e`` says the disk refused a write (full, read-only, no permission, name too long).
-
-    torch's zip writer reports a full disk as ``RuntimeError: ... file write failed``; it counts too."""
-    if isinstance(e, OSError):
-        return e.errno in _DISK_ERRNOS
-    return isinstance(e, RuntimeError) and "write" in str(e).lower() and "fail" in str(e).lower()
+    """Whether ``e`` says the disk refused a write (full, read-only, no permission, name too long)."""
+    return isinstance(e, OSError) and e.errno in _DISK_ERRNOS
 
 
 def disk_error(path: Path, e: BaseException) -> RunDirError:
     """The one-line error for a write to ``path`` that the disk refused."""
-    if isinstance(e, OSError) and e.errno is not None:
-        reason = os.strerror(e.errno).lower()
-    else:
-        reason = "no space left on device or write failed"
+    reason = os.strerror(e.errno).lower() if isinstance(e, OSError) and e.errno else str(e)
     return RunDirError(f"cannot write {path}: {reason}")
 
 
@@ -96,7 +89,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     with _atomic_file(Path(path), "wb") as f:
         f.write(data)
 
@@ -113,9 +106,15 @@ def atomic_write_with(path: str | Path, writer: Callable[[IO[bytes]], None]) -> 
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically. The object is serialised in memory first: torch's zip writer turns a
+    full disk into an opaque ``RuntimeError``, a plain file write gives the ``OSError`` it really is."""
+    import io
+
     import torch
 
-    atomic_write_with(path, lambda f: torch.save(obj, f))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:

@@ -24,6 +24,15 @@ from marginlab import __version__
 from marginlab.fsio import atomic_write_json, read_json
 from marginlab.runs import PROVENANCE
 
+_command: list[str] | None = None  # set by the CLI: the arguments it was given, not the host's argv
+
+
+def set_command(argv: list[str]) -> None:
+    """Record the command line being run (the CLI calls this with ``["marginlab", *args]``)."""
+    global _command
+    _command = list(argv)
+
+
 PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "foolbox", "pyautoattack", "matplotlib")
 
 
@@ -60,7 +69,7 @@ def session_info(mode: str) -> dict[str, Any]:
         "git": git_commit(),
         "packages": {name: _version(name) for name in PACKAGES},
         "python": platform.python_version(),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": _command if _command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
         "cwd": os.getcwd(),
         "host": socket.gethostname(),
         "platform": platform.platform(),

@@ -82,10 +82,6 @@ def subrun_dir(run_dir: str | Path, base: str, recipe: str, seed: int) -> Path:
 def check_out_path(path: str | Path, what: str = "--out") -> Path:
     """Refuse output paths that cannot be a directory: an existing file, ``.``, a name too long."""
     path = Path(path)
-    if str(path).strip() in ("", ".", "..") or path.resolve() == Path.cwd().resolve():
-        raise RunDirError(f"{what} {str(path)!r} is the current directory; name a new directory for the run")
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"{what} {path} is an existing file, not a directory")
     try:
         limit = os.pathconf(_existing_parent(path), "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -95,12 +91,16 @@ def check_out_path(path: str | Path, what: str = "--out") -> Path:
             raise RunDirError(
                 f"{what}: the name {part[:40]!r}... is longer than the filesystem allows ({limit})"
             )
+    if str(path).strip() in ("", ".", "..") or path.resolve() == Path.cwd().resolve():
+        raise RunDirError(f"{what} {str(path)!r} is the current directory; name a new directory for the run")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{what} {path} is an existing file, not a directory")
     return path
 
 
 def _existing_parent(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists():
+    p = path.absolute().parent
+    while not os.path.isdir(p):
         p = p.parent
     return p
 

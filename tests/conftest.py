@@ -1,0 +1,80 @@
+"""Helpers shared by the test files: one CPU thread, tiny configs, the CLI error contract, IDX bytes."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# A tiny `train` config on scikit-learn's 8x8 digits: seconds to run, every section explicit.
+TINY_TRAIN = """\
+kind = "train"
+seed = {seed}
+[data]
+dataset = "digits"
+n_train = {n_train}
+[model]
+name = "mlp"
+options = {{ widths = [{width}] }}
+[train]
+epochs = {epochs}
+batch_size = 32
+lr = {lr}
+device = "cpu"
+progress = false
+threads = 1
+[tracking]
+estimators = ["first-order"]
+n_train = 120
+n_test = 60
+"""
+
+
+def tiny_train_toml(
+    *, seed: int = 0, n_train: int = 400, width: int = 16, epochs: int = 2, lr: float = 0.05
+) -> str:
+    """The text of a tiny ``train`` config (see :data:`TINY_TRAIN`)."""
+    return TINY_TRAIN.format(seed=seed, n_train=n_train, width=width, epochs=epochs, lr=lr)
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def one_line_error(code: int, err: str) -> str:
+    """Assert the user-error contract (exit 2, one ``marginlab: error:`` line, no traceback); return it."""
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("marginlab: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI in this process and check the user-error contract; return the error line."""
+    from marginlab.cli import main
+
+    code = main(argv)
+    return one_line_error(code, capsys.readouterr().err)
+
+
+def idx_bytes(arr: np.ndarray, magic: int, *, gz: bool = False) -> bytes:
+    """An IDX file (the MNIST format) holding ``arr`` (uint8), optionally gzipped."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    raw = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes()
+    return gzip.compress(raw) if gz else raw
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test model is tiny: thread start-up costs more than it saves (and spins on a loaded box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
