@@ -12,6 +12,9 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,16 @@ import pytest
 
 from marginlab.cli import main as cli_main
 from marginlab.errors import ConfigError
-from marginlab.sweep import parse_grid, plan_sweep, run_mode, run_name, run_sweep, split_values
+from marginlab.sweep import (
+    SweepStopped,
+    parse_grid,
+    plan_sweep,
+    run_mode,
+    run_name,
+    run_sweep,
+    split_values,
+    stop_signal,
+)
 
 BASE = {"kind": "fake", "seed": 0, "train": {"lr": 0.1, "epochs": 3}}
 
@@ -173,12 +185,106 @@ def test_two_worker_processes(tmp_path: Path) -> None:
     result = run_sweep(BASE, ["seed=0,1,2"], out, jobs=2, run_fn=fake_run, validate=False)
     assert not result.failed and sorted(calls(out)) == ["seed=0 new", "seed=1 new", "seed=2 new"]
     pids = {r.summary["pid"] for r in result.records}
-    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # ran in (at most two) workers
-    # A worker killed outright fails its run only (the pool breaks: the rest are recorded as failed too).
+    assert os.getpid() not in pids and len(pids) == 3  # each run in a fresh worker process
+    # A worker killed outright fails its own run only; the runs beside it and after it go on.
     crashed = run_sweep(
-        BASE, ['fail="crash","no"', "seed=0"], tmp_path / "c", jobs=2, run_fn=fake_run, validate=False
+        BASE, ['fail="no","crash","no2"', "seed=0"], tmp_path / "c", jobs=2, run_fn=fake_run, validate=False
     )
-    assert crashed.records[0].status == "failed" and "worker process failed" in crashed.records[0].error
+    assert [r.status for r in crashed.records] == ["finished", "failed", "finished"]
+    assert crashed.records[1].error == "the run's worker process failed (exit status 3)"
+
+
+def probe_run(raw: dict[str, Any], path: Path, mode: str) -> None:
+    """Records how the worker process running it is set up: its parent-death signal and Ctrl-C."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    deathsig = ctypes.c_int(0)
+    assert libc.prctl(2, ctypes.byref(deathsig), 0, 0, 0) == 0  # PR_GET_PDEATHSIG = 2
+    path.mkdir(parents=True)
+    summary = {
+        "deathsig": deathsig.value,
+        "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+    }
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
+def test_workers_die_with_the_sweep_and_leave_ctrl_c_to_it(tmp_path: Path) -> None:
+    result = run_sweep(BASE, ["seed=0,1"], tmp_path / "sw", jobs=2, run_fn=probe_run, validate=False)
+    for rec in result.records:
+        assert rec.summary["deathsig"] == signal.SIGKILL  # the kernel kills it when the sweep dies
+        assert rec.summary["sigint_ignored"]  # Ctrl-C reaches the whole group: the sweep decides
+
+
+def interrupted_run(raw: dict[str, Any], path: Path, mode: str) -> None:
+    """Like fake_run, but the first time it meets seed 1 it stops half-way, as Ctrl-C would stop it."""
+    marker = path.parent / "interrupted-once"
+    if raw["seed"] == 1 and not marker.exists():
+        marker.touch()
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps(raw))
+        (path / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+    fake_run(raw, path, mode)
+
+
+def test_an_interrupted_sweep_records_no_failure_and_a_rerun_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(BASE, ["seed=0,1,2"], out, run_fn=interrupted_run, validate=False)
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["finished", "interrupted", "pending"]
+    assert "stopped" in runs[1]["error"] and runs[2]["error"] is None
+    assert [r["status"] for r in read_table(out)] == ["finished", "interrupted", "pending"]
+    result = run_sweep(BASE, ["seed=0,1,2"], out, run_fn=interrupted_run, validate=False)
+    assert [r.mode for r in result.records] == ["skip", "resume", "new"] and not result.failed
+    assert [r["status"] for r in read_table(out)] == ["finished"] * 3
+
+
+def stopping_run(raw: dict[str, Any], path: Path, mode: str) -> None:
+    """Starts a run (config, checkpoint, its pid); seed 1 then sends SIGTERM to the sweep. Both wait."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(raw))
+    (path / "checkpoint.pt").write_bytes(b"")
+    (path / "pid").write_text(str(os.getpid()))
+    if raw["seed"] == 1:
+        deadline = time.monotonic() + 5
+        while not (path.parent / "seed=0" / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(5)  # the sweep stops this worker long before
+    fake_run(raw, path, mode)
+
+
+class _TestSigterm(Exception):
+    pass
+
+
+def _raise_test_sigterm(signum: int, frame: object) -> None:
+    raise _TestSigterm  # never reached when the sweep handles SIGTERM itself
+
+
+def test_sigterm_stops_the_workers_and_leaves_their_runs_interrupted(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    previous = signal.signal(signal.SIGTERM, _raise_test_sigterm)
+    try:
+        start = time.monotonic()
+        with pytest.raises(SweepStopped) as info:
+            run_sweep(BASE, ["seed=0,1,2"], out, jobs=2, run_fn=stopping_run, validate=False)
+        assert time.monotonic() - start < 4  # the workers were killed, not waited for
+        assert stop_signal(info.value) == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is _raise_test_sigterm  # the sweep's handler is gone
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for seed in (0, 1):
+        with pytest.raises(ProcessLookupError):  # killed, and reaped by the sweep
+            os.kill(int((out / f"seed={seed}" / "pid").read_text()), 0)
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["interrupted", "interrupted", "pending"]
+    assert runs[0]["error"] == "the sweep was stopped by SIGTERM before this run ended"
+    result = run_sweep(BASE, ["seed=0,1,2"], out, jobs=2, run_fn=fake_run, validate=False)
+    assert [r.mode for r in result.records] == ["resume", "resume", "new"] and not result.failed
 
 
 def test_cli_rejects_bad_input_without_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from marginlab.errors import ConfigError
@@ -30,14 +31,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from marginlab.config import load_config
-    from marginlab.sweep import TABLE_MD, run_sweep
+    from marginlab.sweep import TABLE_MD, run_sweep, stop_signal
 
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {args.jobs}")
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
     base = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep")
-    result = run_sweep(base, args.grid, out, jobs=args.jobs, keys=keys)
+    try:
+        result = run_sweep(base, args.grid, out, jobs=args.jobs, keys=keys)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the workers are stopped, the tables written
+        sig = stop_signal(e)
+        print(
+            f"marginlab: sweep {out} stopped by {sig.name}; rerun the same command to resume it",
+            file=sys.stderr,
+        )
+        return 128 + sig  # the shell's convention for "ended by this signal": 130 for Ctrl-C
     for r in result.records:
         note = " (already done)" if r.mode == "skip" else f": {r.error}" if r.error else ""
         print(f"{r.status:9s} {r.point.name}{note}")

@@ -11,12 +11,19 @@ Restarting the same sweep skips finished runs (``summary.json`` present), resume
 have a checkpoint and restarts the others (the old directory is moved aside, never deleted). A run whose
 directory holds a *different* config is a user error, not something to skip or overwrite. A failing run
 never stops the sweep: it is recorded as ``failed`` with a one-line reason.
+
+Stopping the sweep (Ctrl-C, SIGTERM) kills its workers and records the runs they were running as
+``interrupted`` and the runs not started yet as ``pending``, never as ``failed``; the KeyboardInterrupt is
+then re-raised (a :class:`SweepStopped` for SIGTERM). A killed sweep cannot write anything: its manifest
+keeps saying ``running`` for those runs, and its workers die with it. Either way a rerun resumes them.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +33,15 @@ from marginlab.fsio import atomic_write_json, atomic_write_text, read_json, to_j
 from marginlab.report.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
 from marginlab.runs import CONFIG, SUMMARY
 from marginlab.sweep.grid import SweepPoint, parse_grid, plan_sweep, run_name, split_values
-from marginlab.sweep.workers import RunFn, default_run, execute, run_mode
+from marginlab.sweep.stopping import SweepStopped, sigterm_stops_sweep, stop_signal
+from marginlab.sweep.workers import Outcome, RunFn, default_run, execute, run_mode
 
 __all__ = [
     "RunFn",
     "RunRecord",
     "SweepPoint",
     "SweepResult",
+    "SweepStopped",
     "default_run",
     "parse_grid",
     "plan_sweep",
@@ -40,6 +49,7 @@ __all__ = [
     "run_name",
     "run_sweep",
     "split_values",
+    "stop_signal",
 ]
 
 MANIFEST, TABLE_CSV, TABLE_MD = "sweep.json", "sweep.csv", "sweep.md"
@@ -47,7 +57,7 @@ MANIFEST, TABLE_CSV, TABLE_MD = "sweep.json", "sweep.csv", "sweep.md"
 
 @dataclass
 class RunRecord:
-    """What happened to one grid point (``status``: pending, finished or failed)."""
+    """What happened to one grid point (``status``: pending, running, finished, failed or interrupted)."""
 
     point: SweepPoint
     mode: str = "pending"  # skip (already finished), new, resume, restart
@@ -97,15 +107,22 @@ def run_sweep(
         _check_same_config(path, _expected_config(rec.point, validate))
         rec.mode = run_mode(path)
         if rec.mode == "skip":
-            _finish(rec, path, None, None, None)
+            _finish(rec, path, Outcome(None))
     writer = _Writer(out, base, grid, records, keys)
     writer.write()
     todo = [r for r in records if r.mode != "skip"]
     jobs_list = [(r.point.config, out / r.point.name, r.mode) for r in todo]
     try:
-        for i, (error, tb, seconds) in execute(jobs_list, run_fn or default_run, jobs):
-            _finish(todo[i], out / todo[i].point.name, error, tb, seconds)
-            writer.write()  # the tables are current after every run, even if the sweep is killed
+        with sigterm_stops_sweep(), closing(execute(jobs_list, run_fn or default_run, jobs)) as events:
+            for i, outcome in events:
+                if outcome is None:
+                    todo[i].status = "running"
+                else:
+                    _finish(todo[i], out / todo[i].point.name, outcome)
+                writer.write()  # the tables are current at every start and end, even if the sweep is killed
+    except KeyboardInterrupt as e:  # the workers are dead by now (closing the events kills them)
+        _interrupted(todo, stop_signal(e))
+        raise
     finally:
         writer.write()
     return SweepResult(out, records)
@@ -137,7 +154,8 @@ def _check_same_config(path: Path, expected: dict[str, Any]) -> None:
         )
 
 
-def _finish(rec: RunRecord, path: Path, error: str | None, tb: str | None, seconds: float | None) -> None:
+def _finish(rec: RunRecord, path: Path, outcome: Outcome) -> None:
+    error = outcome.error
     if error is None:
         try:
             summary = read_json(path / SUMMARY)
@@ -146,8 +164,16 @@ def _finish(rec: RunRecord, path: Path, error: str | None, tb: str | None, secon
             error = "the run ended without writing summary.json"
         except (OSError, ValueError):
             error = f"{path / SUMMARY} is corrupt"
-    rec.status = "failed" if error else "finished"
-    rec.error, rec.traceback, rec.seconds = error, tb, seconds
+    rec.status = "finished" if error is None else "interrupted" if outcome.interrupted else "failed"
+    rec.error, rec.traceback, rec.seconds = error, outcome.traceback, outcome.seconds
+
+
+def _interrupted(records: list[RunRecord], sig: signal.Signals) -> None:
+    """The sweep was stopped by ``sig``: the runs it was running are interrupted (not failed)."""
+    for rec in records:
+        if rec.status == "running":
+            rec.status = "interrupted"
+            rec.error = f"the sweep was stopped by {sig.name} before this run ended"
 
 
 @dataclass
