@@ -82,7 +82,7 @@ def test_run_then_refuse_then_force_then_plot(config: Path, tmp_path: Path, caps
     [
         (TINY, ["epoch=3"], "unknown config key 'epoch'"),
         (TINY, ["data.datset=mnist"], "unknown config key 'data.datset'"),
-        (TINY, ["step_fraction=1.2"], "step_fraction"),
+        (TINY, ["step_fraction=-1.2"], "step_fraction"),
         (TINY + "[oops\n", [], "malformed TOML"),
         (TINY.replace('"logreg-gd"', '"logreg-sgd"'), [], "unknown experiment kind 'logreg-sgd'"),
         (TINY.replace("digits:0,1", "digits:0,42"), [], "digits"),

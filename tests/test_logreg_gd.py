@@ -65,10 +65,44 @@ def test_gd_step_is_below_two_over_l_and_descends() -> None:
     assert all(b <= a + 1e-15 for a, b in zip(losses, losses[1:], strict=False))
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
-def test_step_fraction_outside_theory_is_rejected(fraction: float) -> None:
+@pytest.mark.parametrize("fraction", [0.0, -0.1, float("nan"), float("inf")])
+def test_step_fraction_must_be_positive_and_finite(fraction: float) -> None:
     with pytest.raises(ConfigError, match="step_fraction"):
         Config(step_fraction=fraction)
+    assert Config(step_fraction=50.0).step_fraction == 50.0  # above 2/L: allowed (with a warning)
+
+
+def test_normalized_step_is_gradient_over_loss() -> None:
+    x, y = _random_problem()
+    v0 = torch.full((x.shape[1] + 1,), 0.05, dtype=torch.float64, requires_grad=True)
+    gd = LogisticGD(x, y, v0[:-1].detach(), 0.05, step_fraction=0.7, normalized=True)
+    loss = _mean_logistic_loss(v0, x, y)
+    (grad,) = torch.autograd.grad(loss, v0)  # the independent reference: autograd
+    gd.step()
+    w, b = gd.weights()
+    expected = v0.detach() - gd.eta * grad / loss.detach()
+    torch.testing.assert_close(
+        torch.cat([w, torch.tensor([b], dtype=torch.float64)]), expected, rtol=1e-12, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize(
+    ("fraction", "normalized", "steps", "cos"), [(1.5, False, 20000, 0.98), (0.5, True, 3000, 0.999)]
+)
+def test_large_and_normalized_steps_converge_to_the_svm(
+    fraction: float, normalized: bool, steps: int, cos: float
+) -> None:
+    """Beyond 2/L, GD still converges in direction to the SVM; normalised GD gets there in few steps
+    and stays finite after every sigmoid has underflowed (its update is computed in log space)."""
+    from marginlab.svm import direction_cosine, hard_margin_svm
+
+    x, y = _two_d_separable()
+    svm = hard_margin_svm(x, y)
+    gd = LogisticGD(x, y, torch.zeros(2).double(), 0.0, step_fraction=fraction, normalized=normalized)
+    gd.step(steps)
+    w, b = gd.weights()
+    assert torch.isfinite(w).all() and math.isfinite(b)
+    assert direction_cosine(w, b, torch.as_tensor(svm.w, dtype=torch.float64), float(svm.b)) > cos
 
 
 def test_constant_zero_pixels_keep_their_initial_weight() -> None:

@@ -66,7 +66,8 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 2000
-    step_fraction: float = 0.5  # eta = step_fraction * 2/L; theory needs < 1 (0.5 is eta = 1/L)
+    step_fraction: float = 0.5  # eta = step_fraction * 2/L; any > 0 (above 1 the loss is non-monotone)
+    normalized: bool = False  # normalised GD: each step divided by the current loss
     init: Literal["zero", "random"] = "zero"
     init_scale: float = 0.01  # std of the random initial (w, b)
     seed: int = 0
@@ -78,10 +79,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_positive("epochs", self.epochs)
-        require(
-            0 < self.step_fraction < 1,
-            f"step_fraction must be in (0, 1) so that eta < 2/L, got {self.step_fraction!r}",
-        )
+        check_positive("step_fraction", self.step_fraction)
         check_positive("init_scale", self.init_scale, allow_zero=True)
         check_positive("every_epoch_until", self.every_epoch_until, allow_zero=True)
         check_positive("n_records", self.n_records)
@@ -247,9 +245,17 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
             w0, b0, start_epoch = _weights_from(ck, rd, xtr.shape[1])
         metrics = rd.rewind(start_epoch if ck is not None else -1)  # drop records past the checkpoint
 
-    gd = LogisticGD(xtr, ytr, w0, b0, step_fraction=cfg.step_fraction, device=device)
+    gd = LogisticGD(
+        xtr, ytr, w0, b0, step_fraction=cfg.step_fraction, normalized=cfg.normalized, device=device
+    )
     xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
-    log.info("logreg-gd: N=%d, L=%.6g, eta=%.6g (= %.3f * 2/L)", len(ytr), gd.L, gd.eta, cfg.step_fraction)
+    log.info("logreg-gd: N=%d, L=%.6g, eta=%.6g (= %g * 2/L)", len(ytr), gd.L, gd.eta, cfg.step_fraction)
+    if cfg.step_fraction >= 1 and not cfg.normalized:
+        log.warning(
+            "step_fraction = %g: eta >= 2/L, so the loss will not fall monotonically at first; GD on the "
+            "logistic loss still converges in direction to the SVM (see marginlab.logistic)",
+            cfg.step_fraction,
+        )
 
     recorded = record_epochs(cfg.epochs, cfg.every_epoch_until, cfg.n_records)
     snaps = set(snapshot_epochs(recorded, cfg.n_snapshots))
@@ -326,8 +332,9 @@ def _summary(
         "epochs": cfg.epochs,
         "L": gd.L,
         "eta": gd.eta,
-        "eta_times_L": gd.eta * gd.L,  # the theory asks for < 2
+        "eta_times_L": gd.eta * gd.L,  # < 2: the loss falls monotonically; any value converges in direction
         "step_fraction": cfg.step_fraction,
+        "normalized": cfg.normalized,
         "svm_margin": float(svm["free_margin"]),  # classical SVM (free bias): the best possible min margin
         "svm_reg_margin": float(svm["regularized_margin"]),  # GD's limit (bias penalised like a weight)
         "svm_n_support": int(svm["free_n_support"]),
