@@ -1,13 +1,17 @@
 """The ``mip`` estimator: the closed form on linear models, and crown <= exact <= every attack on small
 ReLU nets, with every perturbation it reports checked by a forward pass."""
 
+import csv
+import json
 import math
 import sys
 
 import pytest
 import torch
+from sklearn.datasets import load_digits
 from torch import nn
 
+from marginlab.cli import main
 from marginlab.errors import ConfigError
 from marginlab.estimators import build_estimator, estimate_margins
 from marginlab.estimators.mip import VERIFY_TOL, _blocks, _float64_copy, _Setup, require_scip, solve_point
@@ -132,3 +136,37 @@ def test_missing_solver_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPat
         require_scip()
     with pytest.raises(ConfigError, match=r"marginlab\[exact\]"):
         build_estimator("mip")
+
+
+def test_bracket_command_writes_table_summary_and_figure(tmp_path, capsys) -> None:
+    """``marginlab margins --estimator bracket,mip``: crown <= mip <= best, quantiles of the ratio."""
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 8, 8), widths=(8, 8))
+    d = load_digits()
+    x, y = torch.tensor(d.data / 16, dtype=torch.float32).view(-1, 1, 8, 8), torch.tensor(d.target)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(80):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:800]), y[:800]).backward()
+        opt.step()
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "b.csv"
+    argv = ["margins", "--model", "mlp", "--option", "widths=[8,8]", "--weights", str(weights), "--data"]
+    argv += ["digits", "--n", "6", "--p", "inf", "--estimator", "bracket,mip", "--out", str(out)]
+    assert main([*argv, "--param", "bracket.time_limit=20"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6
+    for row in rows:
+        lower, upper, exact = (abs(float(row[k])) for k in ("crown", "best", "mip"))
+        assert row["mip_status"] == "exact"
+        assert lower <= exact * (1 + 1e-6) and exact <= upper * (1 + 1e-6)
+        assert math.isclose(float(row["ratio"]), upper / lower, rel_tol=1e-9)
+    summary = json.loads((tmp_path / "b.summary.json").read_text())["bracket"]
+    ratios = sorted(float(r["ratio"]) for r in rows)
+    assert math.isclose(summary["ratio_median"], (ratios[2] + ratios[3]) / 2, rel_tol=1e-9)
+    assert summary["exact_solved"] == 6 and summary["ratio_p90"] >= summary["ratio_median"] >= 1
+    assert (tmp_path / "b.bracket.png").stat().st_size > 1000
+    assert "bracket ratio" in capsys.readouterr().out
+    assert main([*argv[:-4], "--estimator", "bracket,first-order", "--out", str(out)]) == 2
+    assert "bracket combines with mip only" in capsys.readouterr().err

@@ -318,7 +318,7 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 def _normalize_op(module: nn.Module, shape: Shape) -> Scale:
     """A module with ``mean`` and ``std`` tensors computing ``(x - mean) / std`` (checked on a sample)."""
     mean, std = (torch.as_tensor(getattr(module, k)).detach().double() for k in ("mean", "std"))
-    if mean.numel() == shape[0] and len(shape) == 3:  # per channel
+    if len(shape) == 3 and mean.numel() in (1, shape[0]):  # per channel (one value: every channel)
         mean, std = mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
     op = Scale(1.0 / std, -mean / std, shape)
     probe = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))

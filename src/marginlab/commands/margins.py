@@ -129,6 +129,10 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out)
     names = parse_names(args.estimator, "estimator")
+    if "bracket" in names:  # not an estimator: crown vs best (and mip) per point, with a figure
+        from marginlab.bracket import bracket_main
+
+        return bracket_main(args, names)
     for name in names:
         ESTIMATORS.get(name)
     p = norm_order(args.p)

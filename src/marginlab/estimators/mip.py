@@ -349,15 +349,32 @@ class Mip(Estimator):
         with torch.no_grad():
             pred = model(x).argmax(dim=1).cpu()
         radius = build_estimator(self.upper, batch_size=len(x))(model, x, y, p=p).abs()
-        out = torch.empty(len(x), dtype=torch.float64)
-        for i in range(len(x)):
-            yi, pi = int(y[i]), int(pred[i])
-            r = solve_point(
-                self._model64, self._setup, x[i].detach().cpu().double(), yi, pi, float(radius[i])
-            )
-            self.last_details.append(r)
-            out[i] = r.upper if pi == yi else -r.upper
-        return out
+        xc, yc = x.detach().cpu().double(), y.cpu()
+        results = [
+            solve_point(self._model64, self._setup, xc[i], int(yc[i]), int(pred[i]), float(radius[i]))
+            for i in range(len(x))
+        ]
+        _raise_lower_ends(self._setup, xc, yc, pred, results)
+        self.last_details.extend(results)
+        upper = torch.tensor([r.upper for r in results], dtype=torch.float64)
+        return torch.where(pred == yc, upper, -upper)
+
+
+def _raise_lower_ends(
+    setup: _Setup, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, results: list[PointResult]
+) -> None:
+    """Unclosed points: the lower end becomes at least the crown certified radius (classes SCIP never
+    reached within the time limit would otherwise leave it at 0)."""
+    from marginlab.estimators.crown import certified_radius
+
+    weak = [i for i, r in enumerate(results) if r.status != "exact"]
+    if not weak:
+        return
+    sign = (pred[weak] == y[weak]).double() * 2 - 1
+    lo = torch.tensor([results[i].lower for i in weak], dtype=torch.float64)
+    radius = certified_radius(setup.ops, x[weak], y[weak], sign, p=setup.p, box=setup.box, lo=lo, rtol=1e-3)
+    for i, r in zip(weak, radius.tolist(), strict=True):
+        results[i].lower = min(max(results[i].lower, r), results[i].upper)
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
