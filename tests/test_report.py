@@ -187,7 +187,7 @@ def test_metrics_table_shows_first_and_last_records(tmp_path: Path) -> None:
     _, md_path = write_report([run])
     md = md_path.read_text()
     assert "50 records in metrics.jsonl; showing 6" in md
-    assert "| 0 | 1 | 0 |" in md and "| 49 | 0.02 | 4.9 |" in md  # epoch, loss, margin.min
+    assert "| 0 | 0 | 1 |" in md and "| 49 | 4.9 | 0.02 |" in md  # epoch, margin.min (margins first), loss
 
 
 @pytest.mark.parametrize(

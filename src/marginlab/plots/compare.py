@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from marginlab.plots.common import new_figure, save
-from marginlab.plots.training import draw_series
+from marginlab.plots.common import fit_ylim, margin_label, new_figure, recipe_style, save, styled
+from marginlab.plots.training import draw_series, kind_of
 from marginlab.runs import FIGURES, METRICS, ROBUSTNESS, read_config, read_metrics, subrun_dir
-from marginlab.tracking import SPLITS, load_points, series
+from marginlab.tracking import SPLITS, load_points
 
-RECIPE_COLORS = {"standard": "tab:blue", "constraint": "tab:green", "regularized": "tab:red"}
 PANELS = (("train", "mean"), ("test", "mean"), ("train", "min"), ("test", "min"))
 
 
@@ -40,6 +39,11 @@ def _estimator(path: Path) -> str:
     return str(read_config(path)["tracking"]["estimators"][0])
 
 
+def _norm(path: Path) -> float | None:
+    return read_config(path).get("tracking", {}).get("p")
+
+
+@styled
 def plot_compare(run_dir: str | Path) -> list[Path]:
     """Draw every figure into ``run_dir/figures``; returns the files written."""
     run_dir = Path(run_dir)
@@ -57,7 +61,7 @@ def plot_compare(run_dir: str | Path) -> list[Path]:
 def plot_margin_curves(
     run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int], path: Path
 ) -> Path:
-    """Rows: bases; columns: train/test mean and min margin vs epoch; one colour per recipe.
+    """Rows: bases; columns: train/test mean and min margin vs epoch; one colour and line style per recipe.
 
     The untrained model (epoch 0) and the first quarter of training can have margins an order of
     magnitude away from the rest (e.g. a CNN on its initial plateau), so each panel's y-range is fitted
@@ -66,25 +70,25 @@ def plot_margin_curves(
     fig, axes = new_figure(len(bases), len(PANELS), size=(3.6 * len(PANELS), 2.9 * len(bases)))
     axes = np.asarray(axes).reshape(len(bases), len(PANELS))
     for i, base in enumerate(bases):
-        shown: list[list[float]] = [[] for _ in PANELS]
-        cutoff = 1
+        drawn: list[list[tuple[list[int], list[float]]]] = [[] for _ in PANELS]
+        cutoff, ylabel = 1, margin_label(None)
         for recipe in recipes:
+            style = recipe_style(recipe, recipes)
             for k, sub in enumerate(_subruns(run_dir, base, recipe, seeds)):
                 records, name = read_metrics(sub), _estimator(sub)
                 cutoff = max(1, max((int(r["epoch"]) for r in records), default=0) // 4)
+                ylabel = margin_label(kind_of(records, name), _norm(sub))
                 for j, (split, stat) in enumerate(PANELS):
                     label = recipe if k == 0 else None  # one legend entry per recipe, however many seeds
-                    color = RECIPE_COLORS.get(recipe)
-                    draw_series(axes[i, j], records, split, name, stat, color=color, label=label, alpha=0.85)
-                    axes[i, j].set_title(f"{base}: {split} {stat} margin\n({name})")
-                    epochs, values = series(records, split, name, stat)
-                    shown[j] += [v for e, v in zip(epochs, values, strict=True) if e >= cutoff]
-        for ax, values in zip(axes[i], shown, strict=True):
-            if values:
-                lo, hi = min(values), max(values)
-                pad = 0.1 * (hi - lo) or 0.1 * abs(hi) or 0.1
-                ax.set_ylim(lo - pad, hi + pad)
-            ax.set_xlabel(f"epoch (y-range: epochs >= {cutoff})")
+                    curve = draw_series(
+                        axes[i, j], records, split, name, stat, label=label, alpha=0.85, **style
+                    )
+                    drawn[j].append(curve)
+                    axes[i, j].set_title(f"{base}: {split} {stat} margin ({name})")
+        for ax, curves in zip(axes[i], drawn, strict=True):
+            fit_ylim(ax, curves, from_epoch=cutoff)
+            ax.set_xlabel(f"epoch (y-range fitted to epochs >= {cutoff})")
+            ax.set_ylabel(ylabel)
             ax.axhline(0.0, color="0.5", linewidth=0.6)
             ax.legend()
     fig.tight_layout()
@@ -109,8 +113,12 @@ def plot_histograms(
         for j, split in enumerate(SPLITS):
             ax = axes[i, j]
             data: dict[str, np.ndarray] = {}
+            kind, norm = None, None
             for recipe in recipes:
-                parts = [_last_margins(s, split) for s in _subruns(run_dir, base, recipe, seeds)]
+                subs = _subruns(run_dir, base, recipe, seeds)
+                if subs:
+                    kind, norm = kind_of(read_metrics(subs[0]), _estimator(subs[0])), _norm(subs[0])
+                parts = [_last_margins(s, split) for s in subs]
                 parts = [p for p in parts if p is not None]
                 if parts:
                     data[recipe] = np.concatenate(parts).astype(np.float64)
@@ -126,12 +134,13 @@ def plot_histograms(
                     np.clip(a, lo, hi),
                     bins=bins,
                     histtype="step",
-                    color=RECIPE_COLORS.get(recipe),
+                    linewidth=1.4,
+                    **recipe_style(recipe, recipes),
                     label=f"{recipe} (mean {np.mean(a):.3g})",
                 )
             ax.axvline(0.0, color="0.5", linewidth=0.6)
             ax.set_title(f"{base}: {split} margins at the end of training")
-            ax.set_xlabel("margin (clipped to the 0.5-99.5% range)")
+            ax.set_xlabel(margin_label(kind, norm) + ", clipped to its 0.5-99.5% range")
             ax.set_ylabel("points")
             ax.legend()
     fig.tight_layout()
@@ -160,7 +169,8 @@ def plot_robustness(
             results = [r for r in map(_robustness, _subruns(run_dir, base, recipe, seeds)) if r is not None]
             if not results:
                 continue
-            color, res = RECIPE_COLORS.get(recipe), results[0]
+            style, res = recipe_style(recipe, recipes), results[0]
+            color = style["color"]
             norm = res["norm"]
             eps = np.asarray(res["eps"])
             right = max(right, float(eps.max()) * 1.15)
@@ -170,9 +180,9 @@ def plot_robustness(
                 ax.plot(
                     grid,
                     acc,
-                    color=color,
                     linewidth=1.0,
                     alpha=0.7,
+                    **style,
                     label=f"{recipe}: {res['bound']['estimator']} bound",
                 )
             first = res["settings"]["attacks"][0]
@@ -181,11 +191,20 @@ def plot_robustness(
             )
             worst = np.mean([r["worst_case"] for r in results], axis=0)
             ax.plot(eps, own, "o", color=color, markerfacecolor="none", label=f"{recipe}: {first}")
-            ax.plot(eps, worst, "D-", color=color, markersize=4, linewidth=0.8, label=f"{recipe}: worst case")
+            ax.plot(
+                eps,
+                worst,
+                marker="D",
+                color=color,
+                linestyle=style["linestyle"],
+                markersize=4,
+                linewidth=0.8,
+                label=f"{recipe}: worst case",
+            )
             ax.axvline(res["reference_eps"], color="0.4", linestyle=":", linewidth=0.8)
         ax.set_title(f"{base}: robust accuracy")
-        ax.set_xlabel(f"eps ({norm})" if norm else "eps")
-        ax.set_ylabel("robust accuracy")
+        ax.set_xlabel(f"ε ({norm} norm of the perturbation)" if norm else "ε")
+        ax.set_ylabel("robust accuracy (upper bound)")
         ax.set_xlim(0, right or 1.0)
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=6)

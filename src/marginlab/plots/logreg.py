@@ -1,7 +1,9 @@
 """Figures of a ``logreg-gd`` run, drawn from its run directory alone.
 
 - ``margins.png``: minimum and mean signed L2 margin vs epoch (log x), train and test, with the margins
-  of the two SVMs (classical, and bias penalised = GD's limit) as reference lines;
+  of the two SVMs (classical, and bias penalised = GD's limit) as reference lines. The margins of a
+  linear classifier have a closed form, so every margin in these figures is *exact* (over R^d), and the
+  axes say so;
 - ``cosine.png``: cosine between (w, b) and each SVM's (w, b) vs epoch;
 - ``loss_error.png``: loss and error vs epoch (the poster: errors never rise, so no overfitting artefact);
 - ``histograms.png``: per-point margins at the snapshot epochs, train and test;
@@ -18,12 +20,13 @@ import numpy as np
 import torch
 
 from marginlab.fsio import read_npz
-from marginlab.plots.common import new_figure, save
+from marginlab.plots.common import SPLIT_COLORS, SPLIT_STYLE, fit_ylim, margin_label, new_figure, save, styled
 from marginlab.runs import ADV_IMAGES, FIGURES, SVM, margins_files, read_metrics
 
-SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
+MARGIN_LABEL = margin_label("exact", 2)  # closed form of a linear classifier's margin, over R^d
 
 
+@styled
 def plot_logreg(run_dir: Path) -> list[Path]:
     """Draw every figure into ``run_dir/figures``; returns their paths (figures lacking data are skipped)."""
     run_dir = Path(run_dir)
@@ -81,27 +84,35 @@ def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[np.ndarray, np.n
 
 # -- curves -------------------------------------------------------------------------------------------
 def _margins(metrics: list[dict[str, Any]], svm: dict[str, float], path: Path) -> Path:
+    """Left: the minimum margin with the SVMs' as reference; right: mean (and median) margin. Each
+    panel's y-range is fitted to its curves (the SVM lines included on the left)."""
     fig, axes = new_figure(1, 2, size=(9.5, 3.6))
     ax_min, ax_mean = np.ravel(axes)
-    for split, color in SPLIT_COLORS.items():
-        ax_min.plot(*_series(metrics, split, "margin", "min"), color=color, label=split)
-        ax_mean.plot(*_series(metrics, split, "margin", "mean"), color=color, label=f"{split} mean")
-        ax_mean.plot(
-            *_series(metrics, split, "margin", "median"), color=color, ls=":", label=f"{split} median"
-        )
+    mins, means = [], []
+    for split, style in SPLIT_STYLE.items():
+        mins.append(_series(metrics, split, "margin", "min"))
+        ax_min.plot(*mins[-1], **style, label=split)
+        means.append(_series(metrics, split, "margin", "mean"))
+        ax_mean.plot(*means[-1], **style, label=f"{split} mean")
+        means.append(_series(metrics, split, "margin", "median"))
+        ax_mean.plot(*means[-1], color=style["color"], ls=":", lw=1.1, label=f"{split} median")
+    if mins:
+        epochs = mins[0][0][:1]
+        mins += [(epochs, [v]) for v in svm.values()]  # keep the SVM lines inside the range
     if "free" in svm:
         ax_min.axhline(svm["free"], color="k", ls="--", lw=1, label=f"SVM margin {svm['free']:.3f}")
     if "regularized" in svm:
         label = f"SVM, bias penalised {svm['regularized']:.3f}\n(GD's limit)"
         ax_min.axhline(svm["regularized"], color="k", ls=":", lw=1, label=label)
     ax_min.axhline(0, color="grey", lw=0.8)
-    ax_min.set_title("minimum margin (rises toward the SVM's)")
-    ax_mean.set_title("average margin (falls)")
-    for ax in (ax_min, ax_mean):
+    ax_min.set_title("minimum margin (the SVM's is the most it can reach)")
+    ax_mean.set_title("mean and median margin")
+    for ax, curves, where in ((ax_min, mins, "lower right"), (ax_mean, means, "best")):
+        fit_ylim(ax, curves)
         ax.set_xscale("log")
         ax.set_xlabel("epoch (= full-batch GD step)")
-        ax.set_ylabel("signed L2 margin")
-        ax.legend()
+        ax.set_ylabel(MARGIN_LABEL)
+        ax.legend(loc=where)  # the minimum margin rises toward the SVM lines: keep the top clear
     fig.tight_layout()
     return save(fig, path)
 
@@ -113,7 +124,7 @@ def _cosine(metrics: list[dict[str, Any]], path: Path) -> Path:
     ax.axhline(1, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("cosine of (w, b) with the SVM's (w, b)")
+    ax.set_ylabel("cosine of (w, b) with the SVM's (exact)")
     ax.set_title("direction of GD vs the hard-margin SVM")
     ax.legend()
     fig.tight_layout()
@@ -123,10 +134,10 @@ def _cosine(metrics: list[dict[str, Any]], path: Path) -> Path:
 def _loss_error(metrics: list[dict[str, Any]], path: Path) -> Path:
     fig, axes = new_figure(1, 2, size=(9, 3.3))
     ax_loss, ax_err = np.ravel(axes)
-    for split, color in SPLIT_COLORS.items():
-        ax_loss.plot(*_series(metrics, split, "loss"), color=color, label=split)
+    for split, style in SPLIT_STYLE.items():
+        ax_loss.plot(*_series(metrics, split, "loss"), **style, label=split)
         epochs, err = _series(metrics, split, "error")
-        ax_err.plot(epochs, 100 * err, color=color, label=split)
+        ax_err.plot(epochs, 100 * err, **style, label=split)
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("mean logistic loss")
     ax_err.set_ylabel("error (%)")
@@ -157,7 +168,9 @@ def _histograms(snaps: list[dict[str, Any]], svm_margin: float | None, path: Pat
             ax.set_title(f"{split}, epoch {int(snap['epoch'])} (min {m.min():.2f})", fontsize=8)
             ax.legend(loc="upper right", fontsize=7)
             if i == len(snaps) - 1:
-                ax.set_xlabel("signed L2 margin")
+                ax.set_xlabel(MARGIN_LABEL)
+            if j == 0:
+                ax.set_ylabel("points")
     fig.tight_layout()
     return save(fig, path)
 

@@ -16,28 +16,32 @@ from typing import Any
 
 import numpy as np
 
-from marginlab.plots.common import new_figure, save
+from marginlab.plots.common import SPLIT_COLORS, SPLIT_STYLE, fit_ylim, margin_label, new_figure, save, styled
 from marginlab.runs import FIGURES, read_config, read_metrics
 from marginlab.tracking import SPLITS, load_points, series
 
-SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
+__all__ = ["SPLIT_COLORS", "draw_series", "estimator_names", "kind_of", "plot_training"]
+
 STAT_TITLES = {"min": "minimum margin", "mean": "mean margin", "median": "median margin (10-90% band)"}
 
 
+@styled
 def plot_training(run_dir: str | Path) -> list[Path]:
     """Draw every figure of the run into ``run_dir/figures``; returns the files written."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     cfg = read_config(run_dir)
     title = f"{cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('dataset', '?')}"
+    p = cfg.get("tracking", {}).get("p")
     figures = run_dir / FIGURES
     out = []
     names = estimator_names(records)
     if names:
-        out.append(plot_margin_curves(records, names, figures / "margins.png", title))
+        out.append(plot_margin_curves(records, names, figures / "margins.png", title, p=p))
     points = load_points(run_dir)
     if points and names:
-        out.append(plot_histograms(points, names, figures / "histograms.png", title))
+        kinds = {name: kind_of(records, name) for name in names}
+        out.append(plot_histograms(points, names, figures / "histograms.png", title, kinds=kinds, p=p))
     if any("train_loss_epoch" in r or "test" in r for r in records):
         out.append(plot_loss_accuracy(records, figures / "loss_accuracy.png", title))
     return out
@@ -63,31 +67,49 @@ def kind_of(records: list[dict[str, Any]], name: str) -> str:
     return "?"
 
 
-def draw_series(ax: Any, records: list[dict[str, Any]], split: str, name: str, stat: str, **kw: Any) -> None:
-    """One margin statistic vs epoch; ``stat="median"`` also shades the 10-90% quantile band."""
+def draw_series(
+    ax: Any, records: list[dict[str, Any]], split: str, name: str, stat: str, **kw: Any
+) -> tuple[list[int], list[float]]:
+    """One margin statistic vs epoch; ``stat="median"`` also shades the 10-90% quantile band.
+
+    Returns every ``(epochs, values)`` drawn (the band's edges included) for :func:`fit_ylim`.
+    """
     epochs, values = series(records, split, name, stat)
     if not epochs:
-        return
+        return [], []
     (line,) = ax.plot(epochs, values, marker="." if len(epochs) < 30 else None, **kw)
     if stat == "median":
         e10, q10 = series(records, split, name, "q10")
         _, q90 = series(records, split, name, "q90")
         if e10 == epochs:
             ax.fill_between(epochs, q10, q90, color=line.get_color(), alpha=0.15, linewidth=0)
+            return epochs * 3, values + q10 + q90
+    return epochs, values
 
 
-def plot_margin_curves(records: list[dict[str, Any]], names: list[str], path: Path, title: str) -> Path:
-    """Rows: estimators; columns: min, mean, median margin vs epoch; train and test in each panel."""
+def plot_margin_curves(
+    records: list[dict[str, Any]], names: list[str], path: Path, title: str, *, p: float | None = None
+) -> Path:
+    """Rows: estimators; columns: min, mean, median margin vs epoch; train and test in each panel.
+
+    Each panel's y-range is fitted to the trained epochs (>= 1): the untrained model's margins are
+    often far below the rest and would flatten the fall of the mean margin that the figure is about.
+    """
     stats = list(STAT_TITLES)
-    fig, axes = new_figure(len(names), len(stats), size=(4.0 * len(stats), 3.0 * len(names)))
+    fig, axes = new_figure(len(names), len(stats), size=(4.0 * len(stats), 3.1 * len(names)))
     axes = np.asarray(axes).reshape(len(names), len(stats))
     for i, name in enumerate(names):
+        label = margin_label(kind_of(records, name), p)
         for j, stat in enumerate(stats):
             ax = axes[i, j]
-            for split in SPLITS:
-                draw_series(ax, records, split, name, stat, color=SPLIT_COLORS[split], label=split)
-            ax.set_title(f"{STAT_TITLES[stat]}\n{name} ({kind_of(records, name)})")
+            drawn = [
+                draw_series(ax, records, split, name, stat, label=split, **SPLIT_STYLE[split])
+                for split in SPLITS
+            ]
+            fit_ylim(ax, drawn)
+            ax.set_title(f"{STAT_TITLES[stat]}: {name}")
             ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
             ax.axhline(0.0, color="0.5", linewidth=0.6)
             ax.legend()
     fig.suptitle(title)
@@ -104,7 +126,15 @@ def pick_epochs(available: list[int], k: int = 4) -> list[int]:
     return [trained[i] for i in idx]
 
 
-def plot_histograms(points: dict[int, Any], names: list[str], path: Path, title: str) -> Path:
+def plot_histograms(
+    points: dict[int, Any],
+    names: list[str],
+    path: Path,
+    title: str,
+    *,
+    kinds: dict[str, str] | None = None,
+    p: float | None = None,
+) -> Path:
     """Rows: estimators; columns: train, test; step histograms at a few epochs on shared bins."""
     epochs = pick_epochs(list(points))
     fig, axes = new_figure(len(names), len(SPLITS), size=(4.6 * len(SPLITS), 3.0 * len(names)))
@@ -125,7 +155,8 @@ def plot_histograms(points: dict[int, Any], names: list[str], path: Path, title:
                 ax.hist(np.clip(a, lo, hi), bins=bins, histtype="step", color=color, label=f"epoch {e}")
             ax.axvline(0.0, color="0.5", linewidth=0.6)
             ax.set_title(f"{split}: {name} margin")
-            ax.set_xlabel("margin (clipped to the 0.5-99.5% range)")
+            kind = (kinds or {}).get(name)
+            ax.set_xlabel(margin_label(kind, p) + ", clipped to its 0.5-99.5% range")
             ax.set_ylabel("points")
             ax.legend()
     fig.suptitle(title)
@@ -137,7 +168,7 @@ def plot_loss_accuracy(records: list[dict[str, Any]], path: Path, title: str) ->
     """Loss (left) and accuracy (right) vs epoch: the epoch's running training average and the subsets."""
     fig, axes = new_figure(1, 2)
     ax_l, ax_a = np.asarray(axes).ravel()
-    for key, ax, label in (
+    for key, ax, label in (  # the running average over the epoch's batches
         ("train_loss_epoch", ax_l, "train (epoch average)"),
         ("train_acc_epoch", ax_a, None),
     ):
@@ -150,10 +181,11 @@ def plot_loss_accuracy(records: list[dict[str, Any]], path: Path, title: str) ->
         for key, ax in (("loss", ax_l), ("acc", ax_a)):
             pts = [(r["epoch"], r[split][key]) for r in records if split in r]
             if pts:
-                ax.plot(*zip(*pts, strict=True), color=SPLIT_COLORS[split], label=f"{split} (tracked subset)")
+                ax.plot(*zip(*pts, strict=True), **SPLIT_STYLE[split], label=f"{split} (tracked subset)")
     ax_l.set_yscale("log")
     for ax, name in ((ax_l, "cross-entropy loss"), (ax_a, "accuracy")):
         ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
         ax.set_title(name)
         ax.legend()
     fig.suptitle(title)

@@ -1,8 +1,17 @@
 """The content of a report as a list of format-neutral blocks, rendered later to HTML and Markdown.
 
 Building the content once and rendering it twice keeps ``report.html`` and ``report.md`` in step: both
-show the same headings, tables, configs and figures. Block text is raw (unescaped) file content; each
-renderer escapes it for its own format.
+show the same headings, tables, configs and figures, in the same order. Block text is raw (unescaped)
+file content; each renderer escapes it for its own format.
+
+Order (what a reader wants first comes first):
+
+1. **Findings**: each run's checked claims as sentences, with the verdict and the numbers behind it;
+2. **Headline figures**: margins over epochs, then robustness curves, then margin brackets;
+3. the runs at a glance and, for several runs, a comparison (shared summary keys; config keys that
+   differ, and nothing else);
+4. one section per run: compact summary tables (train and test side by side), the experiment's own
+   sentences and definitions, a few metrics records, result tables, the other figures, the config.
 """
 
 from __future__ import annotations
@@ -11,9 +20,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from marginlab.report.claims import Claim, claims_of
 from marginlab.report.collect import RunInfo
 from marginlab.report.tables import (
     MISSING,
@@ -22,24 +33,52 @@ from marginlab.report.tables import (
     read_csv,
     scalar_items,
     shared_keys,
+    split_pivot,
     union_keys,
 )
 from marginlab.runs import FIGURES
 
 MAX_METRIC_ROWS = 6  # evenly spaced records, first and last included
-MAX_METRIC_COLUMNS = 12
+MAX_METRIC_COLUMNS = 10
+FINDINGS_ID = "findings"
+# Summary entries that are text for people, shown as sentences rather than table rows.
+PROSE_KEYS = ("findings", "definitions", "notes")
+
+# Figures in the order a reader wants them: (category, what the figure shows). A figure's category is the
+# first whose word occurs in its file name; the first three categories are the headline figures.
+FIGURE_ORDER = (
+    ("margin", "margins over epochs"),
+    ("robustness", "robust accuracy vs ε"),
+    ("bracket", "margin brackets: certified lower bound to attack upper bound"),
+    ("histogram", "margin histograms"),
+    ("loss", "loss and accuracy (or error) over epochs"),
+    ("cosine", "direction of gradient descent vs the SVM's"),
+    ("adversarial", "minimal adversarial examples"),
+)
+HEADLINE = 3
 
 
 @dataclass(frozen=True)
 class Heading:
     level: int
     text: str
+    anchor: str | None = None  # an HTML id, for links and for tests that look for a section
 
 
 @dataclass(frozen=True)
 class Text:
     text: str
     warning: bool = False  # drawn as a visible mark (e.g. an unfinished run)
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Claims:
+    items: list[Claim]
 
 
 @dataclass(frozen=True)
@@ -58,87 +97,214 @@ class Code:
 @dataclass(frozen=True)
 class Figure:
     path: Path
-    caption: str
+    caption: str  # path under figures/ (also the name of a copied figure)
     run_label: str
+    description: str = ""
 
 
-Block = Heading | Text | Table | Code | Figure
+Block = Heading | Text | Bullets | Claims | Table | Code | Figure
 
 
 def build_document(runs: Sequence[RunInfo], title: str) -> list[Block]:
-    """All blocks of a report on ``runs``: overview, comparison (several runs), then one section per run."""
-    blocks: list[Block] = [Heading(1, title), *_overview(runs)]
+    """All blocks of a report on ``runs`` in reading order (see the module docstring)."""
+    figures = {run.label: _figures(run) for run in runs}
+    blocks: list[Block] = [Heading(1, title), *_findings(runs)]
+    headline = [f for run in runs for rank, f in figures[run.label] if rank < HEADLINE]
+    if headline:
+        blocks += [Heading(2, "Headline figures"), *headline]
+    blocks += _overview(runs)
     if len(runs) > 1:
         blocks += _comparison(runs)
     for run in runs:
-        blocks += _run_section(run)
+        blocks += _run_section(run, [f for rank, f in figures[run.label] if rank >= HEADLINE])
     return blocks
 
 
+# -- findings ------------------------------------------------------------------------------------------
+def _findings(runs: Sequence[RunInfo]) -> list[Block]:
+    blocks: list[Block] = [Heading(2, "Findings", FINDINGS_ID)]
+    for run in runs:
+        if len(runs) > 1:
+            blocks.append(Heading(3, f"{run.label} ({run.kind})"))
+        if run.summary is None:
+            blocks.append(
+                Text(f"{run.label} is unfinished: no summary.json yet, so nothing is checked", True)
+            )
+            continue
+        claims = claims_of(run.summary, run.kind)
+        if claims:
+            blocks.append(Claims(claims))
+        else:
+            blocks.append(Text(f"{run.label}: its summary.json states no findings; see its summary below."))
+    return blocks
+
+
+# -- figures -------------------------------------------------------------------------------------------
+def figure_rank(name: str) -> tuple[int, str]:
+    """``(category, description)`` of a figure file name; unknown figures come last."""
+    stem = Path(name).stem.lower()
+    for rank, (word, description) in enumerate(FIGURE_ORDER):
+        if word in stem and not (word == "margin" and "histogram" in stem):
+            return rank, description
+    return len(FIGURE_ORDER), ""
+
+
+def _figures(run: RunInfo) -> list[tuple[int, Figure]]:
+    """The run's figures in the fixed order of :data:`FIGURE_ORDER` (then by path), each with its rank."""
+    figures_dir = run.path / FIGURES
+    out = []
+    for path in run.figures:
+        caption = path.relative_to(figures_dir).as_posix()
+        rank, description = figure_rank(path.name)
+        out.append((rank, Figure(path, caption, run.label, description)))
+    return sorted(out, key=lambda rf: (rf[0], rf[1].caption))
+
+
+# -- the runs together ---------------------------------------------------------------------------------
 def _overview(runs: Sequence[RunInfo]) -> list[Block]:
     rows = [
-        [r.label, r.kind, "finished" if r.finished else "UNFINISHED", str(r.path), str(len(r.figures))]
+        [r.label, r.kind, "finished" if r.finished else "UNFINISHED", str(len(r.figures)), str(r.path)]
         for r in runs
     ]
-    return [Heading(2, "Runs"), Table(["run", "kind", "status", "directory", "figures"], rows)]
+    return [Heading(2, "Runs"), Table(["run", "kind", "status", "figures", "directory"], rows)]
 
 
 def _comparison(runs: Sequence[RunInfo]) -> list[Block]:
     """Side by side: the scalar summary keys all finished runs share, and the config keys that differ."""
     labels = [r.label for r in runs]
     blocks: list[Block] = [Heading(2, "Comparison")]
-    summaries = [scalar_items(r.summary) if r.summary is not None else None for r in runs]
+    summaries = [_summary_items(r.summary) if r.summary is not None else None for r in runs]
     finished = [s for s in summaries if s is not None]
     keys = shared_keys(finished)
     if keys:
-        rows = [[k] + [format_cell(s.get(k)) if s is not None else MISSING for s in summaries] for k in keys]
+        rows = [[k] + [_cell(s.get(k)) if s is not None else MISSING for s in summaries] for k in keys]
         blocks += [Heading(3, "Summary (shared keys)"), Table(["key", *labels], rows)]
     else:
         blocks.append(Text("No summary keys are shared by the finished runs."))
-    configs = [scalar_items(r.config) for r in runs]
-    differing = [k for k in union_keys(configs) if len({json.dumps(c.get(k)) for c in configs}) > 1]
-    if differing:
-        rows = [[k] + [format_cell(c.get(k)) for c in configs] for k in differing]
-        blocks += [Heading(3, "Config differences"), Table(["key", *labels], rows)]
-    else:
-        blocks.append(Text("All runs have the same scalar config values."))
+    blocks += _config_differences(runs)
     return blocks
 
 
-def _run_section(run: RunInfo) -> list[Block]:
+def _config_differences(runs: Sequence[RunInfo]) -> list[Block]:
+    """Keys every config has with values that differ, as a table; keys only some configs have, as a
+    sentence per run (a table of them would be mostly dashes)."""
+    labels = [r.label for r in runs]
+    configs = [scalar_items(r.config) for r in runs]
+    common = shared_keys(configs)
+    differing = [k for k in common if len({json.dumps(c[k]) for c in configs}) > 1]
+    blocks: list[Block] = [Heading(3, "Config differences")]
+    if differing:
+        blocks.append(Table(["key", *labels], [[k] + [_cell(c[k]) for c in configs] for k in differing]))
+    elif len(common) == len(union_keys(configs)):
+        blocks.append(Text("All runs have the same scalar config values."))
+    else:
+        blocks.append(Text("The keys all configs have hold the same values."))
+    shared = set(common)
+    only = [(label, [k for k in c if k not in shared]) for label, c in zip(labels, configs, strict=True)]
+    kinds = sorted({r.kind for r in runs})
+    if any(keys for _, keys in only):
+        if len(kinds) > 1:
+            blocks.append(
+                Text(
+                    f"The runs are of different kinds ({', '.join(kinds)}), so their configs differ in shape."
+                )
+            )
+        blocks.append(Bullets([f"only {label} has: {', '.join(keys)}" for label, keys in only if keys]))
+    return blocks
+
+
+# -- one run -------------------------------------------------------------------------------------------
+def _run_section(run: RunInfo, figures: list[Figure]) -> list[Block]:
     blocks: list[Block] = [Heading(2, f"Run {run.label}"), Text(f"{run.kind} run in {run.path}")]
     if run.summary is None:
         blocks.append(
             Text("unfinished: this run has no summary.json (still running, killed or failed)", True)
         )
     else:
-        rows = [[k, format_cell(v)] for k, v in flatten(run.summary).items()]
-        blocks += [Heading(3, "Summary"), Table(["key", "value"], rows)]
+        blocks += _summary(run.summary)
     blocks += _metrics(run)
     for table in run.tables:
         blocks += _table_file(table)
+    if figures:
+        blocks += [Heading(3, "More figures"), *figures]
     blocks.append(Code(json.dumps(run.config, indent=2), "json", collapsed=f"config.json of {run.label}"))
-    if run.figures:
-        blocks.append(Heading(3, "Figures"))
-        figures_dir = run.path / FIGURES
-        blocks += [Figure(p, p.relative_to(figures_dir).as_posix(), run.label) for p in run.figures]
+    return blocks
+
+
+def _summary_items(summary: dict[str, Any]) -> dict[str, Any]:
+    """Every scalar of a summary (lists of records expanded), without its prose entries."""
+    rest = {k: v for k, v in summary.items() if k not in PROSE_KEYS}
+    return {k: v for k, v in flatten(rest, lists=True).items() if _shown(v)}
+
+
+def _shown(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str | list)
+
+
+def _cell(value: Any) -> str:
+    return format_cell(value, max_len=None)  # summaries are short; a reader needs every character
+
+
+def _summary(summary: dict[str, Any]) -> list[Block]:
+    """The summary as two compact tables: one row per quantity with train and test side by side, and
+    the remaining keys; then its sentences (findings, notes) and definitions, never cut."""
+    rest, per_split = split_pivot(_summary_items(summary))
+    blocks: list[Block] = [Heading(3, "Summary")]
+    if rest:
+        blocks.append(Table(["key", "value"], [[k, _cell(v)] for k, v in rest.items()]))
+    if per_split:
+        rows = [[k, _cell(v.get("train")), _cell(v.get("test"))] for k, v in per_split.items()]
+        blocks += [
+            Text("Per split (train and test side by side):"),
+            Table(["quantity", "train", "test"], rows),
+        ]
+    for key in PROSE_KEYS:
+        value = summary.get(key)
+        if isinstance(value, list) and value:
+            title = "As the experiment states its findings" if key == "findings" else key.capitalize()
+            blocks += [Heading(4, title), Bullets([str(v) for v in value])]
+        elif isinstance(value, dict) and value:
+            blocks += [Heading(4, key.capitalize()), Bullets([f"{k}: {v}" for k, v in value.items()])]
     return blocks
 
 
 def _metrics(run: RunInfo) -> list[Block]:
-    """A few evenly spaced metrics records (first and last included), scalar columns only."""
+    """A few evenly spaced records (first and last included): scalar columns that change, margins and
+    losses first; constant columns are named once in the note."""
     n = len(run.metrics)
     if n == 0:
         return [Heading(3, "Metrics"), Text("No metrics recorded.")]
     picks = sorted(set(np.linspace(0, n - 1, min(n, MAX_METRIC_ROWS)).round().astype(int).tolist()))
     records = [scalar_items(run.metrics[i]) for i in picks]
     columns = union_keys(records)
+    constant = [c for c in columns if c != "epoch" and len({json.dumps(r.get(c)) for r in records}) == 1]
+    varying = sorted((c for c in columns if c not in constant), key=_column_rank)
     note = f"{n} records in metrics.jsonl; showing {len(picks)}"
-    if len(columns) > MAX_METRIC_COLUMNS:
-        note += f" and the first {MAX_METRIC_COLUMNS} of {len(columns)} columns"
-        columns = columns[:MAX_METRIC_COLUMNS]
-    rows = [[format_cell(r.get(c)) for c in columns] for r in records]
-    return [Heading(3, "Metrics"), Text(note + "."), Table(columns, rows)]
+    if len(varying) > MAX_METRIC_COLUMNS:
+        note += f" and {MAX_METRIC_COLUMNS} of {len(varying)} changing columns (all are in metrics.jsonl)"
+        varying = varying[:MAX_METRIC_COLUMNS]
+    blocks: list[Block] = [Heading(3, "Metrics"), Text(note + ".")]
+    blocks.append(Table(varying, [[format_cell(r.get(c)) for c in varying] for r in records]))
+    if constant and len(picks) > 1:
+        blocks.append(
+            Text(
+                "The same in every record shown: "
+                + ", ".join(f"{c} = {format_cell(records[0].get(c))}" for c in constant)
+            )
+        )
+    return blocks
+
+
+def _column_rank(column: str) -> int:
+    """Epoch first, then margins' min and mean, losses and accuracies, medians; the rest keep their order."""
+    last = column.rsplit(".", 1)[-1]
+    if column == "epoch":
+        return 0
+    if last in ("min", "mean"):
+        return 1
+    if any(word in last for word in ("loss", "acc", "error")):
+        return 2
+    return 3 if last == "median" else 4
 
 
 def _table_file(path: Path) -> list[Block]:

@@ -18,13 +18,20 @@ from typing import Any
 MISSING = "–"  # what an absent or null value looks like in a table
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to one level with dotted keys, in insertion order; non-dict values are kept as-is."""
+def flatten(d: dict[str, Any], prefix: str = "", *, lists: bool = False) -> dict[str, Any]:
+    """Nested dicts to one level with dotted keys, in insertion order; non-dict values are kept as-is.
+
+    With ``lists=True`` lists of dicts are flattened too, one index per item (``robust[0].eps``), so a
+    table can show every number instead of one long JSON cell.
+    """
     out: dict[str, Any] = {}
     for key, value in d.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict) and value:
-            out.update(flatten(value, dotted))
+            out.update(flatten(value, dotted, lists=lists))
+        elif lists and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{dotted}[{i}]", lists=lists))
         else:
             out[dotted] = value
     return out
@@ -60,8 +67,9 @@ def union_keys(dicts: Sequence[dict[str, Any]]) -> list[str]:
     return _ordered_union(dicts)
 
 
-def format_cell(value: Any, max_len: int = 80) -> str:
-    """A short human-readable cell: 4 significant digits for floats, compact JSON for lists/dicts."""
+def format_cell(value: Any, max_len: int | None = 80) -> str:
+    """A short human-readable cell: 4 significant digits for floats, compact JSON for lists/dicts;
+    text longer than ``max_len`` is cut with "…" (``None``: never cut)."""
     if value is None:
         return MISSING
     if isinstance(value, bool):
@@ -74,7 +82,38 @@ def format_cell(value: Any, max_len: int = 80) -> str:
         text = str(value)
     else:
         text = json.dumps(value, separators=(",", ":"), default=str)
-    return text if len(text) <= max_len else text[: max_len - 1] + "…"
+    return text if max_len is None or len(text) <= max_len else text[: max_len - 1] + "…"
+
+
+def split_pivot(
+    items: dict[str, Any], splits: Sequence[str] = ("train", "test")
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Separate the keys that name a split from the rest, to show them as one row with a column per split.
+
+    A key names a split when one dotted part is the split (``margins.mlp.train.last.min``) or its first
+    part starts with ``<split>_`` (``train_min_margin_last``); the row name is the key without it
+    (``margins.mlp.last.min``, ``min_margin_last``). Returns ``(rest, {row: {split: value}})``.
+    """
+    rest: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for key, value in items.items():
+        row, split = _without_split(key, splits)
+        if split is None or not row:
+            rest[key] = value
+        else:
+            rows.setdefault(row, {})[split] = value
+    return rest, rows
+
+
+def _without_split(key: str, splits: Sequence[str]) -> tuple[str, str | None]:
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        for split in splits:
+            if part == split:
+                return ".".join(parts[:i] + parts[i + 1 :]), split
+            if i == 0 and part.startswith(split + "_"):
+                return ".".join([part[len(split) + 1 :], *parts[1:]]), split
+    return key, None
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -51,9 +52,27 @@ def plot_robustness(
     eps_max: float | None = None,
 ) -> Figure:
     """Robust accuracy vs ε: curves from per-point minimal perturbations (one per label when ``margins``
-    is a mapping) and the accuracies each attack stage of ``result`` reached. Returns the Figure (Agg)."""
+    is a mapping) and the accuracies each attack stage of ``result`` reached. Returns the Figure (Agg).
+
+    A curve is exact when its margins are exact (a label containing "exact"), else an upper bound, like
+    every attack's accuracy (an attack that fails to find an adversarial example proves nothing); the
+    y-axis says which.
+    """
     if margins is None and result is None:
         raise ConfigError("plot_robustness needs margins, a RobustnessResult, or both")
+    # imported here: marginlab.plots selects the headless backend, which importing this package must not do
+    from marginlab.plots.common import STYLE
+
+    with matplotlib.rc_context(STYLE):
+        return _draw(margins, result, title, eps_max)
+
+
+def _draw(
+    margins: Any | Mapping[str, Any] | None,
+    result: RobustnessResult | None,
+    title: str | None,
+    eps_max: float | None,
+) -> Figure:
     fig = Figure(figsize=(5.5, 4.0))
     ax = fig.add_subplot()
     curves = (
@@ -82,12 +101,18 @@ def plot_robustness(
                 label=f"{label}{after}",
             )
         ax.plot(result.eps, result.worst_case, color="black", linewidth=0.8, label="worst case")
-    ax.set_xlabel(f"ε ({result.norm if result else 'norm of the perturbation'})")
-    ax.set_ylabel("robust accuracy")
+    ax.set_xlabel(f"ε ({result.norm} norm of the perturbation)" if result else "ε (norm of the perturbation)")
+    exact = bool(curves) and all("exact" in str(label).lower() for label in curves)
+    ax.set_ylabel(
+        "robust accuracy (curve exact; attack points: upper bounds)"
+        if exact and result is not None
+        else "robust accuracy (exact)"
+        if exact
+        else "robust accuracy (upper bound)"
+    )
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(left=0, right=right)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend()
     if title:
         ax.set_title(title)
     fig.tight_layout()

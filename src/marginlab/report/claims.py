@@ -1,0 +1,186 @@
+"""The claims a run checks, read from its ``summary.json``: what each claim says, whether it held, and the
+numbers behind the verdict. A report opens with these, because they are what a reader came for.
+
+Each experiment kind writes its verdicts under its own keys:
+
+- ``train`` (deep nets): ``margins.<estimator>.<split>`` with ``first``/``last``/``peak_mean`` records and
+  the booleans ``min_margin_rises``, ``mean_margin_falls`` (see :mod:`marginlab.trends`);
+- ``logreg-gd``: ``<split>_min_margin_rises``, ``<split>_mean_margin_falls``, ``<split>_error_never_rises``
+  with their ``_first``/``_last`` numbers, the SVM margins, the cosines and ``shows_tradeoff``;
+- ``compare``: ``bases.<base>.vs_standard.<recipe>`` with ``comparable``, ``mean_margin`` and the paired
+  ``robust_accuracy`` per radius.
+
+A summary whose structure is not recognised (an older or newer experiment) still contributes its
+``findings`` sentences, shown as stated, without a verdict of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+HOLDS, FAILS, NOT_COMPARED, STATED = "holds", "does not hold", "not compared", "as stated"
+SPLIT_NAMES = {"train": "Train set", "test": "Test set"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checked statement: ``verdict`` (one of the constants above), the claim, and its numbers."""
+
+    verdict: str
+    text: str
+    evidence: str = ""
+
+
+def claims_of(summary: dict[str, Any], kind: str) -> list[Claim]:
+    """The checked claims of one finished run (empty when the summary holds none)."""
+    reader = _READERS.get(kind)
+    try:
+        claims = reader(summary) if reader is not None else []
+    except (KeyError, TypeError, ValueError, StopIteration):
+        claims = []  # a summary of another shape: fall back to its sentences
+    if claims:
+        return claims
+    findings = summary.get("findings")
+    if isinstance(findings, list):
+        return [Claim(STATED, str(f)) for f in findings]
+    return []
+
+
+def verdict(value: Any) -> str:
+    return HOLDS if value is True else FAILS if value is False else NOT_COMPARED
+
+
+def num(value: Any, fmt: str = ".4g") -> str:
+    """A number for a sentence (``–`` when missing)."""
+    return "–" if not isinstance(value, int | float) or isinstance(value, bool) else format(value, fmt)
+
+
+# -- train (deep nets) ---------------------------------------------------------------------------------
+def _train(summary: dict[str, Any]) -> list[Claim]:
+    claims = []
+    for name, entry in summary["margins"].items():
+        kind = entry.get("kind", "kind unknown")
+        for split, label in SPLIT_NAMES.items():
+            t = entry.get(split)
+            if not isinstance(t, dict):
+                continue
+            first, last, peak = t["first"], t["last"], t["peak_mean"]
+            where = f"{label}, {name} margin ({kind})"
+            epochs = f"epochs {first['epoch']} → {last['epoch']}"
+            claims.append(
+                Claim(
+                    verdict(t["min_margin_rises"]),
+                    f"{where}: the minimum margin rises",
+                    f"{num(first['min'])} → {num(last['min'])}, {epochs}",
+                )
+            )
+            evidence = f"{num(first['mean'])} → {num(last['mean'])}, {epochs}"
+            if t["mean_margin_falls"] is False and t.get("mean_margin_falls_after_peak"):
+                evidence += f"; it peaked at epoch {peak['epoch']} ({num(peak['mean'])}) and fell after"
+            if isinstance(t.get("share_closer"), int | float):
+                evidence += f"; {100 * t['share_closer']:.0f}% of the points moved closer to the boundary"
+            claims.append(Claim(verdict(t["mean_margin_falls"]), f"{where}: the mean margin falls", evidence))
+    return claims
+
+
+# -- logreg-gd -----------------------------------------------------------------------------------------
+def _logreg(s: dict[str, Any]) -> list[Claim]:
+    epochs = f"epochs {s['first_epoch']} → {s['last_epoch']}"
+    claims = [
+        Claim(
+            verdict(s["shows_tradeoff"]),
+            "Gradient descent shows the trade-off: on train and test the minimum margin rises, the mean "
+            "margin falls and (w, b) turns toward the SVM's direction",
+            f"{epochs}; every check below must hold",
+        )
+    ]
+    for split, label in SPLIT_NAMES.items():
+        if f"{split}_min_margin_rises" not in s:
+            continue
+        where = f"{label}, exact L2 margin"
+        claims.append(
+            Claim(
+                verdict(s[f"{split}_min_margin_rises"]),
+                f"{where}: the minimum margin rises toward the SVM's",
+                f"{num(s[f'{split}_min_margin_first'])} → {num(s[f'{split}_min_margin_last'])} (SVM margin "
+                f"{num(s.get('svm_margin'))}, GD's limit {num(s.get('svm_reg_margin'))}), {epochs}",
+            )
+        )
+        evidence = f"{num(s[f'{split}_mean_margin_first'])} → {num(s[f'{split}_mean_margin_last'])}, {epochs}"
+        every = s.get(f"{split}_mean_margin_falls_every_record")
+        if isinstance(every, bool):
+            evidence += "; it falls at every record" if every else "; not at every record"
+        claims.append(
+            Claim(verdict(s[f"{split}_mean_margin_falls"]), f"{where}: the mean margin falls", evidence)
+        )
+        if f"{split}_error_never_rises" in s:
+            claims.append(
+                Claim(
+                    verdict(s[f"{split}_error_never_rises"]),
+                    f"{label}: the error never rises (the fall is no overfitting artefact)",
+                    f"{num(s[f'{split}_error_first'], '.2%')} → {num(s[f'{split}_error_last'], '.2%')}",
+                )
+            )
+    if "cos_svm_reg_first" in s:
+        claims.append(
+            Claim(
+                verdict(s["cos_svm_reg_last"] > s["cos_svm_reg_first"]),
+                "(w, b) turns toward the bias-penalised SVM (GD's limit in direction)",
+                f"cosine {num(s['cos_svm_reg_first'])} → {num(s['cos_svm_reg_last'])}",
+            )
+        )
+    return claims
+
+
+# -- compare -------------------------------------------------------------------------------------------
+def _compare(summary: dict[str, Any]) -> list[Claim]:
+    claims = []
+    for base, entry in summary["bases"].items():
+        for recipe, v in (entry.get("vs_standard") or {}).items():
+            claims += _versus(base, recipe, v)
+    return claims
+
+
+def _versus(base: str, recipe: str, v: dict[str, Any]) -> list[Claim]:
+    mm, acc = v["mean_margin"], v["robust_accuracy"]
+    ref = next(r for r in acc if r["reference"])
+    claims = []
+    if not v["comparable"]:
+        ca = v["clean_accuracy"]
+        claims.append(
+            Claim(
+                FAILS,
+                f"{base}: {recipe} trains as well as standard (else nothing below compares)",
+                f"clean accuracy {num(ca.get('standard'), '.1%')} (standard) vs {num(ca.get(recipe), '.1%')}",
+            )
+        )
+    beats = v.get("beats_standard", {})
+
+    def ruled(key: str) -> str:
+        return verdict(beats.get(key)) if v["comparable"] else NOT_COMPARED
+
+    claims.append(
+        Claim(
+            ruled("mean_margin"),
+            f"{base}: {recipe} raises the test mean margin over standard",
+            f"{num(mm.get('standard'))} (standard) → {num(mm.get(recipe))}",
+        )
+    )
+    claims.append(
+        Claim(
+            ruled("robust_accuracy"),
+            f"{base}: {recipe} raises the worst-case robust accuracy at ε = {ref['eps']:g} beyond the noise",
+            f"{num(ref.get('standard'), '.1%')} (standard) → {num(ref.get(recipe), '.1%')}; paired noise "
+            f"(2 s.e.) {num(ref.get('noise_2se'), '.1%')}",
+        )
+    )
+    return claims
+
+
+_READERS: dict[str, Callable[[dict[str, Any]], list[Claim]]] = {
+    "train": _train,
+    "logreg-gd": _logreg,
+    "compare": _compare,
+}
