@@ -33,3 +33,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "note: Fashion-MNIST needs 'sudo apt-get install dataset-fashion-mnist' (or IDX files in \$MARGINLAB_DATA)" >&2
   fi
 fi
+
+# Chromium (Debian's package) renders report.html in tests/test_report_browser.py; without it that test skips.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian package chromium (for the report's browser test)..."
+    (apt-get install -y -q chromium >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) ||
+      echo "warning: could not install chromium; tests/test_report_browser.py will be skipped" >&2
+  else
+    echo "note: the report's browser test needs 'sudo apt-get install chromium'; it is skipped without it" >&2
+  fi
+fi
