@@ -46,6 +46,9 @@ def fake_run(raw: dict[str, Any], path: Path, mode: str) -> None:
         raise ZeroDivisionError("division by zero\nsecond line")
     if raw.get("fail") == "crash" and multiprocessing.parent_process() is not None:
         os._exit(3)  # a worker killed outright (never the test process itself)
+    if raw.get("fail") == "term" and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGTERM)  # someone stopping this one worker
+        time.sleep(10)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(raw))
     score = raw["train"]["lr"] * 10 + raw["seed"]
@@ -186,12 +189,13 @@ def test_two_worker_processes(tmp_path: Path) -> None:
     assert not result.failed and sorted(calls(out)) == ["seed=0 new", "seed=1 new", "seed=2 new"]
     pids = {r.summary["pid"] for r in result.records}
     assert os.getpid() not in pids and len(pids) == 3  # each run in a fresh worker process
-    # A worker killed outright fails its own run only; the runs beside it and after it go on.
-    crashed = run_sweep(
-        BASE, ['fail="no","crash","no2"', "seed=0"], tmp_path / "c", jobs=2, run_fn=fake_run, validate=False
-    )
-    assert [r.status for r in crashed.records] == ["finished", "failed", "finished"]
+    # A worker killed outright fails its own run only; the runs beside it and after it go on. One stopped
+    # by SIGTERM did not fail: its run is interrupted (and the next sweep resumes it).
+    grid = ['fail="no","crash","term","no2"', "seed=0"]
+    crashed = run_sweep(BASE, grid, tmp_path / "c", jobs=2, run_fn=fake_run, validate=False)
+    assert [r.status for r in crashed.records] == ["finished", "failed", "interrupted", "finished"]
     assert crashed.records[1].error == "the run's worker process failed (exit status 3)"
+    assert crashed.records[2].error == "the run's worker process was stopped by SIGTERM"
 
 
 def probe_run(raw: dict[str, Any], path: Path, mode: str) -> None:
@@ -201,10 +205,14 @@ def probe_run(raw: dict[str, Any], path: Path, mode: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     deathsig = ctypes.c_int(0)
     assert libc.prctl(2, ctypes.byref(deathsig), 0, 0, 0) == 0  # PR_GET_PDEATHSIG = 2
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the terminal: the worker carries on
+    status = Path("/proc/self/status").read_text().splitlines()
+    blocked = int(next(ln for ln in status if ln.startswith("SigBlk:")).split()[1], 16)
     path.mkdir(parents=True)
     summary = {
         "deathsig": deathsig.value,
         "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+        "sigint_blocked": bool(blocked & (1 << (signal.SIGINT - 1))),
     }
     (path / "summary.json").write_text(json.dumps(summary))
 
@@ -214,7 +222,8 @@ def test_workers_die_with_the_sweep_and_leave_ctrl_c_to_it(tmp_path: Path) -> No
     result = run_sweep(BASE, ["seed=0,1"], tmp_path / "sw", jobs=2, run_fn=probe_run, validate=False)
     for rec in result.records:
         assert rec.summary["deathsig"] == signal.SIGKILL  # the kernel kills it when the sweep dies
-        assert rec.summary["sigint_ignored"]  # Ctrl-C reaches the whole group: the sweep decides
+        assert rec.status == "finished" and rec.summary["sigint_ignored"]  # the sweep decides about Ctrl-C
+        assert not rec.summary["sigint_blocked"]  # blocked only while the worker was starting
 
 
 def interrupted_run(raw: dict[str, Any], path: Path, mode: str) -> None:

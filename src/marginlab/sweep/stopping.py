@@ -55,6 +55,30 @@ def sigterm_stops_sweep() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Hold back SIGINT in this thread while starting a worker (a Ctrl-C then arrives when the block ends).
+
+    A new process inherits the blocked signal, so a Ctrl-C cannot hit a worker while it is still
+    importing (and print a traceback) before :func:`ignore_ctrl_c` runs in it."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_ctrl_c() -> None:
+    """In a worker: ignore SIGINT (a Ctrl-C in a terminal reaches the whole process group; the sweep
+    decides what happens to its workers), then drop the block :func:`ctrl_c_held` started it with."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Make this (worker) process die as soon as ``parent_pid``, the sweep that started it, dies.
 

@@ -2,8 +2,7 @@
 
 One fresh process per run (not a pool): a worker that dies (out of memory, a signal) fails its own run
 only, its exit status says why, and the sweep knows exactly which runs are running when it is stopped.
-Workers die with the sweep (see :mod:`marginlab.sweep.stopping`) and ignore Ctrl-C: a Ctrl-C in a terminal
-reaches the whole process group, and it is the sweep that decides to stop them and record their runs.
+Workers die with the sweep and leave Ctrl-C to it (see :mod:`marginlab.sweep.stopping`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any, NamedTuple
 
 from marginlab.errors import MarginlabError
 from marginlab.runs import CHECKPOINT, SUMMARY, RunDir
-from marginlab.sweep.stopping import die_with_parent
+from marginlab.sweep.stopping import ctrl_c_held, die_with_parent, ignore_ctrl_c
 
 # A run function gets (raw config, run directory, mode) and runs that one experiment to completion.
 RunFn = Callable[[dict[str, Any], Path, str], object]
@@ -130,7 +129,8 @@ class _Worker:
         process = ctx.Process(
             target=_worker_main, args=(writer, os.getpid(), threads, run_fn, job), name="marginlab-sweep"
         )
-        process.start()
+        with ctrl_c_held():
+            process.start()
         writer.close()  # the worker holds the only write end: its death reads as end-of-file here
         return cls(process, reader)
 
@@ -185,7 +185,7 @@ def _death_outcome(exitcode: int | None) -> Outcome:
 def _worker_main(conn: Connection, parent_pid: int, threads: int, run_fn: RunFn, job: Job) -> None:
     """The body of a worker process: set the process up, run the job, send back its outcome."""
     die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_ctrl_c()
     # Workers share the CPU: without this every one of them would start a thread per core.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
