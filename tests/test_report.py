@@ -7,6 +7,7 @@ these tests do not depend on any experiment. The HTML is checked with the standa
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -18,12 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from marginlab.cli import main as cli_main  # noqa: E402
 from marginlab.errors import ConfigError, RunDirError  # noqa: E402
 from marginlab.report import write_report  # noqa: E402
-from marginlab.report.tables import flatten, format_cell, markdown_table, shared_keys  # noqa: E402
+from marginlab.report.tables import flatten, format_cell, markdown_table, shared_keys, split_pivot  # noqa: E402
 
 EVIL = "<script>alert('x')</script>"
 
@@ -262,3 +264,217 @@ def test_table_helpers() -> None:
         "[1,2]",
     ]
     assert markdown_table(["k"], [["a|b<c>"]]).splitlines()[-1] == "| a\\|b\\<c\\> |"
+
+
+# -- reading order: findings, headline figures, compact tables -------------------------------------------
+def _deep_records(means: list[float], mins: list[float]) -> list[dict[str, Any]]:
+    """Metrics records of a deep run (one estimator, both splits) with the given mean/min per epoch."""
+    stats = [{"kind": "estimate", "min": lo, "mean": m} for lo, m in zip(mins, means, strict=True)]
+    split = {"loss": 1.0, "acc": 0.5}
+    return [
+        {
+            "epoch": e,
+            "train": split | {"margins": {"first-order": s}},
+            "test": split | {"margins": {"first-order": s}},
+        }
+        for e, s in enumerate(stats)
+    ]
+
+
+def _section(html_text: str, start: str, end: str) -> str:
+    return html_text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_report_opens_with_checked_findings(tmp_path: Path) -> None:
+    from marginlab.trends import margin_trends
+
+    # epoch 0 far below; then the min margin rises (-1 -> 0.5) and the mean rises too (0.2 -> 0.9)
+    records = _deep_records(means=[-5.0, 0.2, 0.6, 0.9], mins=[-9.0, -1.0, 0.0, 0.5])
+    trends = margin_trends(records, None, ["first-order"])
+    summary = {"kind": "train", "margins": trends["margins"], "findings": trends["findings"]}
+    run = make_run(tmp_path, "deep", summary=summary, config={"kind": "train"}, figures=("margins.png",))
+    html_path, md_path = write_report([run])
+    text = "".join(parse(html_path).text)
+    findings = text.split("Findings", 1)[1].split("Headline figures", 1)[0]
+    assert text.index("Findings") < text.index("Headline figures") < text.index("Runs")
+    assert findings.count("✔ holds") == 2 and findings.count("✘ does not hold") == 2  # 2 claims x 2 splits
+    assert "Train set, first-order margin (estimate): the minimum margin rises" in findings
+    assert "-1 → 0.5, epochs 1 → 3" in findings and "0.2 → 0.9" in findings
+    assert html_path.read_text().index('id="findings"') < html_path.read_text().index("<img")
+    md = md_path.read_text()
+    assert md.index("## Findings") < md.index("## Headline figures") < md.index("## Runs")
+    assert "- ✘ **does not hold**: Test set, first-order margin (estimate): the mean margin falls" in md
+    assert trends["findings"][0] in text  # the experiment's own sentences, in full, further down
+
+
+def test_logreg_and_compare_verdicts(tmp_path: Path) -> None:
+    from marginlab.experiments.compare_tables import _versus
+    from marginlab.experiments.logreg_gd import trend_summary
+
+    metrics = [
+        {
+            "epoch": e,
+            **{
+                split: {"margin": {"min": lo, "mean": m, "median": m}, "loss": 1 / e, "error": 0.1 / e}
+                for split in ("train", "test")
+            },
+        }
+        for e, lo, m in ((1, -0.5, 2.0), (10, 0.1, 1.5), (100, 0.3, 1.2))
+    ]
+    summary = {"first_epoch": 1, "last_epoch": 100, "svm_margin": 0.4, "svm_reg_margin": 0.35}
+    summary |= {"cos_svm_reg_first": 0.5, "cos_svm_reg_last": 0.9, "shows_tradeoff": True}
+    for split in ("train", "test"):
+        summary |= trend_summary(metrics, split)
+    lr = make_run(tmp_path, "lr", summary=summary, figures=())
+    rng = np.random.default_rng(0)
+    std_ok, reg_ok = rng.random(200) < 0.3, rng.random(200) < 0.6  # regularized: clearly more robust
+    std = {"recipe": "standard", "clean_acc": 0.9, "test_mean_margin": 0.5, "eps": [1.0], "eps_ref": 1.0}
+    reg = std | {"recipe": "regularized", "clean_acc": 0.88, "test_mean_margin": 0.4}
+    std |= {"worst@1": float(std_ok.mean()), "_robust": [std_ok]}
+    reg |= {"worst@1": float(reg_ok.mean()), "_robust": [reg_ok]}
+    versus = json.loads(json.dumps(_versus(std, reg), default=bool))
+    cmp = make_run(
+        tmp_path, "cmp", summary={"bases": {"mlp": {"vs_standard": {"regularized": versus}}}},
+        config={"kind": "compare"}, figures=(),
+    )  # fmt: skip
+    text = "".join(parse(write_report([lr, cmp], tmp_path / "out")[0]).text)
+    findings = text.split("Findings", 1)[1].split("Runs", 1)[0]
+    assert "✔ holds" + "Gradient descent shows the trade-off" in findings
+    assert "Train set, exact L2 margin: the minimum margin rises toward the SVM's" in findings
+    assert "-0.5 → 0.3 (SVM margin 0.4" in findings and "2 → 1.2, epochs 1 → 100" in findings
+    assert "✘ does not holdmlp: regularized raises the test mean margin over standard" in findings
+    assert "0.5 (standard) → 0.4" in findings
+    assert (
+        "✔ holdsmlp: regularized raises the worst-case robust accuracy at ε = 1 beyond the noise" in findings
+    )
+
+
+def test_headline_figures_come_first_in_a_fixed_order(tmp_path: Path) -> None:
+    names = (
+        "adversarial.png",
+        "histograms.png",
+        "robustness.png",
+        "zeta.png",
+        "b.bracket.png",
+        "margins.png",
+    )
+    run = make_run(tmp_path, "r", summary={"acc": 1.0}, figures=names)
+    html_path, md_path = write_report([run])
+    html_text = html_path.read_text()
+    order = [
+        "margins.png",
+        "robustness.png",
+        "b.bracket.png",
+        "histograms.png",
+        "adversarial.png",
+        "zeta.png",
+    ]
+    captions = re.findall(r"<figcaption>r: ([^ <]+)", html_text)
+    assert captions == order
+    headline = _section(html_text, "<h2>Headline figures</h2>", "<h2>")
+    assert re.findall(r"<figcaption>r: ([^ <]+)", headline) == order[:3]
+    md_order = [Path(p).name for p in md_links(md_path)]
+    assert md_order == order
+
+
+def test_config_differences_show_only_the_keys_that_differ(tmp_path: Path) -> None:
+    base = {"kind": "train", "seed": 0, "train": {"lr": 0.1, "epochs": 5, "batch_size": 32}, "data": {"n": 9}}
+    a = make_run(tmp_path, "a", summary={"acc": 0.5}, config=base, figures=())
+    other = json.loads(json.dumps(base))
+    other["train"] |= {"lr": 0.2, "momentum": 0.9}
+    b = make_run(tmp_path, "b", summary={"acc": 0.6}, config=other, figures=())
+    html_text = write_report([a, b], tmp_path / "out")[0].read_text()
+    table = _section(html_text, "<h3>Config differences</h3>", "</table>")
+    assert re.findall(r"<tr><td>([^<]+)</td>", table) == ["train.lr"]
+    assert MISSING_CELL not in table
+    assert "only b has: train.momentum" in html_text
+
+
+MISSING_CELL = "<td>–</td>"
+
+
+def test_nothing_a_reader_needs_is_cut_and_tables_can_scroll(tmp_path: Path) -> None:
+    sentence = "mlp: " + "the mean margin falls while the minimum margin rises; " * 6
+    summary = {"findings": [sentence], "note": "x" * 200, "wide": {f"column{i}": i for i in range(40)}}
+    run = make_run(tmp_path, "r", summary=summary, config={"kind": "unknown-kind"}, figures=())
+    html_path, md_path = write_report([run])
+    html_text, md = html_path.read_text(), md_path.read_text()
+    assert sentence.strip() in html.unescape(html_text) and "x" * 200 in html_text and "…" not in html_text
+    assert "as stated" in html_text  # a sentence without a structured verdict is shown as stated
+    assert html_text.count("<table>") == html_text.count('<div class="scroll"><table>') > 0
+    assert "x" * 200 in md
+
+
+def test_split_pivot_puts_train_and_test_side_by_side() -> None:
+    items = {"train_min_margin_last": 1, "test_min_margin_last": 2, "m.e.train.last": 3, "L": 4, "train": 5}
+    rest, rows = split_pivot(items)
+    assert rest == {"L": 4, "train": 5}
+    assert rows == {"min_margin_last": {"train": 1, "test": 2}, "m.e.last": {"train": 3}}
+
+
+# -- figures: labelled axes, y-ranges from the trained epochs, distinct train/test --------------------------
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Figures drawn by the plot modules, by file name, kept open instead of saved."""
+    import marginlab.plots.logreg as logreg
+    import marginlab.plots.training as training
+
+    figures: dict[str, Any] = {}
+
+    def keep(fig: Any, path: Path) -> Path:
+        figures[Path(path).name] = fig
+        return Path(path)
+
+    for module in (training, logreg):
+        monkeypatch.setattr(module, "save", keep)
+    yield figures
+    plt.close("all")
+
+
+def test_deep_margin_figure_labels_kinds_and_fits_the_trained_epochs(tmp_path: Path, captured: dict) -> None:
+    from marginlab.plots.training import plot_training
+
+    run = tmp_path / "deep"
+    run.mkdir()
+    cfg = {"kind": "train", "model": {"name": "mlp"}, "data": {"dataset": "digits"}, "tracking": {"p": 2.0}}
+    (run / "config.json").write_text(json.dumps(cfg))
+    records = _deep_records(means=[-40.0, 2.0, 1.6, 1.2], mins=[-50.0, -0.5, 0.0, 0.2])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_training(run)
+    axes = captured["margins.png"].axes
+    assert all(ax.get_xlabel() == "epoch" and ax.get_ylabel() == "signed L2 margin (estimate)" for ax in axes)
+    mean_ax = axes[1]
+    lo, hi = mean_ax.get_ylim()
+    assert -40 < lo < 1.2 and 2.0 < hi < 3  # the fall 2.0 -> 1.2 fills the panel; epoch 0 lies off it
+    train, test = mean_ax.get_lines()[:2]
+    assert train.get_color() != test.get_color() and train.get_linestyle() != test.get_linestyle()
+
+
+def test_logreg_figures_say_the_margins_are_exact(tmp_path: Path, captured: dict) -> None:
+    from marginlab.plots.logreg import plot_logreg
+
+    run = tmp_path / "lr"
+    run.mkdir()
+    recs = [
+        {"epoch": e, "cos_svm": 0.5, "cos_svm_reg": 0.6}
+        | {
+            s: {"loss": 1 / e, "error": 0.0, "margin": {"min": e / 10, "mean": 2 - e / 10, "median": 1}}
+            for s in ("train", "test")
+        }
+        for e in (1, 2, 5, 10)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    plot_logreg(run)
+    for ax in captured["margins.png"].axes:
+        assert ax.get_ylabel() == "signed L2 margin (exact)" and ax.get_xlabel()
+    assert all(ax.get_xlabel() and ax.get_ylabel() for name in captured for ax in captured[name].axes)
+
+
+def test_robustness_curve_axis_names_the_kind() -> None:
+    from marginlab.robustness import plot_robustness
+
+    upper = plot_robustness(np.array([0.1, 0.5, 1.0]))
+    exact = plot_robustness({"exact": np.array([0.1, 0.5, 1.0])})
+    assert upper.axes[0].get_ylabel() == "robust accuracy (upper bound)"
+    assert exact.axes[0].get_ylabel() == "robust accuracy (exact)"
+    assert "norm of the perturbation" in upper.axes[0].get_xlabel()

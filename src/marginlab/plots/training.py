@@ -111,7 +111,8 @@ def plot_margin_curves(
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
             ax.axhline(0.0, color="0.5", linewidth=0.6)
-            ax.legend()
+            if any(drawn_epochs for drawn_epochs, _ in drawn):
+                ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     return save(fig, path)
@@ -179,7 +180,7 @@ def plot_loss_accuracy(records: list[dict[str, Any]], path: Path, title: str) ->
             )
     for split in SPLITS:
         for key, ax in (("loss", ax_l), ("acc", ax_a)):
-            pts = [(r["epoch"], r[split][key]) for r in records if split in r]
+            pts = [(r["epoch"], r[split][key]) for r in records if r.get(split, {}).get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), **SPLIT_STYLE[split], label=f"{split} (tracked subset)")
     ax_l.set_yscale("log")
