@@ -84,6 +84,7 @@ def start_sweep(config: Path, out: Path, seeds: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*cmd, "--jobs", "2", "--out", str(out)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
     )  # fmt: skip
 
 
@@ -110,12 +111,18 @@ def lock_pids(runs: list[Path]) -> set[int]:
     return {int(pid) for r in runs if (pid := (r / ".lock").read_text().strip())}
 
 
-def stop(proc: subprocess.Popen[str], sig: signal.Signals, procs: dict[int, int], runs: list[Path]) -> str:
-    """Send ``sig`` to the sweep, check that everything it started is gone in time; return its stderr."""
+def stop(
+    proc: subprocess.Popen[str], sig: signal.Signals, procs: dict[int, int], runs: list[Path], group: bool
+) -> str:
+    """Send ``sig`` to the sweep (``group``: to its whole process group, as Ctrl-C in a terminal does),
+    check that everything it started is gone in time; return its stderr."""
     workers = {pid: start for pid, start in procs.items() if pid in lock_pids(runs)}
     try:
         start = time.monotonic()
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         workers_s = wait_all_gone(workers, EXIT_WITHIN_S, start)
         all_s = wait_all_gone(procs, EXIT_WITHIN_S, start)  # multiprocessing's tracker waits for the sweep
         _, err = proc.communicate(timeout=EXIT_WITHIN_S)
@@ -156,9 +163,9 @@ def rerun_to_the_end(config: Path, out: Path, seeds: str, expected_modes: list[s
 
 # -- tests ---------------------------------------------------------------------------------------
 def test_ctrl_c_then_sigkill_then_rerun_finishes(tmp_path: Path) -> None:
-    """One sweep stopped twice (SIGINT as Ctrl-C sends it, then SIGKILL), each rerun resuming it.
-
-    SIGTERM takes the SIGINT path (see test_sweep.py for it in-process, and the slow test below)."""
+    """One sweep stopped twice (Ctrl-C: SIGINT to its process group; then SIGKILL to the sweep alone), each
+    rerun resuming it. SIGTERM takes the SIGINT path (test_sweep.py tests it in-process; the slow test
+    below sends each signal to the sweep process alone)."""
     config = tmp_path / "tiny.toml"
     config.write_text(CONFIG)
     out = tmp_path / "sw"
@@ -167,7 +174,7 @@ def test_ctrl_c_then_sigkill_then_rerun_finishes(tmp_path: Path) -> None:
     for sig in (signal.SIGINT, signal.SIGKILL):
         proc = start_sweep(config, out, "0,1")
         procs = wait_training(proc, runs, before)
-        err = stop(proc, sig, procs, runs)
+        err = stop(proc, sig, procs, runs, group=sig == signal.SIGINT)
         check_stopped(proc, sig, err, out, runs)
         if sig == signal.SIGKILL:  # this sweep was a rerun: it resumed from the checkpoints left
             assert json.loads((out / "sweep.json").read_text())["runs"][0]["mode"] == "resume"
@@ -185,7 +192,7 @@ def test_each_signal_with_a_run_not_yet_started(tmp_path: Path, sig: signal.Sign
     runs = [out / "seed=0", out / "seed=1"]
     proc = start_sweep(config, out, "0,1,2")
     procs = wait_training(proc, runs, [0, 0])
-    err = stop(proc, sig, procs, runs)
+    err = stop(proc, sig, procs, runs, group=False)
     statuses = check_stopped(proc, sig, err, out, runs)
     assert statuses["seed=2"] == "pending" and not (out / "seed=2").exists()
     rerun_to_the_end(config, out, "0,1,2", ["resume", "resume", "new"])
