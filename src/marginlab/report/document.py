@@ -176,10 +176,19 @@ def _comparison(runs: Sequence[RunInfo]) -> list[Block]:
     summaries = [_summary_items(r.summary) if r.summary is not None else None for r in runs]
     finished = [s for s in summaries if s is not None]
     keys = shared_keys(finished)
-    if keys:
-        rows = [[k] + [_cell(s.get(k)) if s is not None else MISSING for s in summaries] for k in keys]
+    # keys with one value in every finished run are named once, so the table shows what tells runs apart
+    same = [k for k in keys if len(finished) > 1 and len({json.dumps(s[k]) for s in finished}) == 1]
+    differ = [k for k in keys if k not in same]
+    if differ:
+        rows = [[k] + [_cell(s.get(k)) if s is not None else MISSING for s in summaries] for k in differ]
         blocks += [Heading(3, "Summary (shared keys)"), Table(["key", *labels], rows)]
-    else:
+    if same:
+        blocks.append(
+            Text(
+                "The same in every finished run: " + ", ".join(f"{k} = {_cell(finished[0][k])}" for k in same)
+            )
+        )
+    if not keys:
         blocks.append(Text("No summary keys are shared by the finished runs."))
     blocks += _config_differences(runs)
     return blocks
