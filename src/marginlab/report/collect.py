@@ -41,7 +41,7 @@ class RunInfo:
     config: dict[str, Any]
     summary: dict[str, Any] | None  # None: the run is unfinished
     metrics: list[dict[str, Any]]
-    figures: list[Path]  # every PNG under figures/, sorted
+    figures: list[Path]  # every PNG under figures/, then those at the top of the run directory, sorted
     tables: list[Path]  # table.csv, else table.md, at the top of the run directory (or nothing)
 
     @property
@@ -96,6 +96,9 @@ def _load_run(path: Path, label: str) -> RunInfo:
         raise RunDirError(f"{path / 'metrics.jsonl'} is corrupt (a line is not valid JSON)") from None
     figures_dir = path / FIGURES
     figures = sorted(figures_dir.rglob("*.png")) if figures_dir.is_dir() else []
+    # and figures other commands wrote beside the run's files (``marginlab margins --out run/b.csv`` draws
+    # ``run/b.bracket.png``)
+    figures += sorted(path.glob("*.png"))
     tables = [path / name for name in TABLE_FILES if (path / name).is_file()][:1]
     return RunInfo(path, label, config, summary, metrics, figures, tables)
 

@@ -97,7 +97,7 @@ class Code:
 @dataclass(frozen=True)
 class Figure:
     path: Path
-    caption: str  # path under figures/ (also the name of a copied figure)
+    caption: str  # path under figures/ or the run directory (also the name of a copied figure)
     run_label: str
     description: str = ""
 
@@ -154,7 +154,9 @@ def _figures(run: RunInfo) -> list[tuple[int, Figure]]:
     figures_dir = run.path / FIGURES
     out = []
     for path in run.figures:
-        caption = path.relative_to(figures_dir).as_posix()
+        caption = (
+            path.relative_to(figures_dir) if path.is_relative_to(figures_dir) else path.relative_to(run.path)
+        ).as_posix()
         rank, description = figure_rank(path.name)
         out.append((rank, Figure(path, caption, run.label, description)))
     return sorted(out, key=lambda rf: (rf[0], rf[1].caption))
