@@ -409,9 +409,12 @@ def test_nothing_a_reader_needs_is_cut_and_tables_can_scroll(tmp_path: Path) -> 
 
 def test_split_pivot_puts_train_and_test_side_by_side() -> None:
     items = {"train_min_margin_last": 1, "test_min_margin_last": 2, "m.e.train.last": 3, "L": 4, "train": 5}
+    items |= {"m.test.e.last": 6, "vs.b.x.a": 7}
     rest, rows = split_pivot(items)
-    assert rest == {"L": 4, "train": 5}
-    assert rows == {"min_margin_last": {"train": 1, "test": 2}, "m.e.last": {"train": 3}}
+    assert rest == {"L": 4, "train": 5, "vs.b.x.a": 7}  # a row only one split has keeps its own key
+    assert rows == {"min_margin_last": {"train": 1, "test": 2}, "m.e.last": {"train": 3, "test": 6}}
+    rest, rows = split_pivot(items, ["a", "b"])
+    assert rows == {} and rest == items
 
 
 # -- figures: labelled axes, y-ranges from the trained epochs, distinct train/test --------------------------

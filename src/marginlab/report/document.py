@@ -257,18 +257,20 @@ def _cell(value: Any) -> str:
 
 
 def _summary(summary: dict[str, Any]) -> list[Block]:
-    """The summary as two compact tables: one row per quantity with train and test side by side, and
-    the remaining keys; then its sentences (findings, notes) and definitions, never cut."""
-    rest, per_split = split_pivot(_summary_items(summary))
+    """The summary as compact tables: one row per quantity with train and test (or, in a comparison, the
+    recipes) side by side, and the remaining keys; then its sentences (findings, notes, warnings) and
+    definitions as lists, never cut."""
+    items = _summary_items(summary)
+    prose = {k: v for k, v in items.items() if _is_sentences(v)}  # e.g. a comparison's warnings
+    recipes = summary.get("recipes")
+    columns = recipes if _is_sentences(recipes) and len(recipes) > 1 else ["train", "test"]
+    rest, side_by_side = split_pivot({k: v for k, v in items.items() if k not in prose}, columns)
     blocks: list[Block] = [Heading(3, "Summary")]
     if rest:
         blocks.append(Table(["key", "value"], [[k, _cell(v)] for k, v in rest.items()]))
-    if per_split:
-        rows = [[k, _cell(v.get("train")), _cell(v.get("test"))] for k, v in per_split.items()]
-        blocks += [
-            Text("Per split (train and test side by side):"),
-            Table(["quantity", "train", "test"], rows),
-        ]
+    if side_by_side:
+        rows = [[k] + [_cell(v.get(c)) for c in columns] for k, v in side_by_side.items()]
+        blocks += [Text(f"Side by side ({', '.join(columns)}):"), Table(["quantity", *columns], rows)]
     for key in PROSE_KEYS:
         value = summary.get(key)
         if isinstance(value, list) and value:
@@ -276,7 +278,13 @@ def _summary(summary: dict[str, Any]) -> list[Block]:
             blocks += [Heading(4, title), Bullets([str(v) for v in value])]
         elif isinstance(value, dict) and value:
             blocks += [Heading(4, key.capitalize()), Bullets([f"{k}: {v}" for k, v in value.items()])]
+    for key, value in prose.items():
+        blocks += [Heading(4, key), Bullets(list(value))]
     return blocks
+
+
+def _is_sentences(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def _metrics(run: RunInfo) -> list[Block]:

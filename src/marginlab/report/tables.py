@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -92,13 +93,16 @@ def split_pivot(
 
     A key names a split when one dotted part is the split (``margins.mlp.train.last.min``) or its first
     part starts with ``<split>_`` (``train_min_margin_last``); the row name is the key without it
-    (``margins.mlp.last.min``, ``min_margin_last``). Returns ``(rest, {row: {split: value}})``.
+    (``margins.mlp.last.min``, ``min_margin_last``). A row that only one split has stays in ``rest`` under
+    its own key. Returns ``(rest, {row: {split: value}})``.
     """
+    found = {key: _without_split(key, splits) for key in items}
+    count = Counter(row for row, split in found.values() if split is not None and row)
     rest: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
     for key, value in items.items():
-        row, split = _without_split(key, splits)
-        if split is None or not row:
+        row, split = found[key]
+        if split is None or count[row] < 2:  # side by side only where two columns have a value
             rest[key] = value
         else:
             rows.setdefault(row, {})[split] = value
