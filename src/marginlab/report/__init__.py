@@ -23,8 +23,9 @@ from pathlib import Path
 
 from marginlab.errors import RunDirError
 from marginlab.fsio import atomic_write_bytes, atomic_write_text
+from marginlab.report.blocks import Block, Figure
 from marginlab.report.collect import RunInfo, load_runs
-from marginlab.report.document import Block, Figure, build_document
+from marginlab.report.document import build_document
 from marginlab.report.render import render_html, render_markdown
 
 __all__ = ["RunInfo", "default_out_dir", "load_runs", "write_report"]

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from marginlab.report.claims import Claim, claims_of
+from marginlab.report.blocks import Block, Bullets, Claims, Code, Figure, Heading, Table, Text
+from marginlab.report.claims import claims_of
 from marginlab.report.collect import RunInfo
 from marginlab.report.tables import (
     MISSING,
@@ -56,53 +56,6 @@ FIGURE_ORDER = (
     ("adversarial", "minimal adversarial examples"),
 )
 HEADLINE = 3
-
-
-@dataclass(frozen=True)
-class Heading:
-    level: int
-    text: str
-    anchor: str | None = None  # an HTML id, for links and for tests that look for a section
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-    warning: bool = False  # drawn as a visible mark (e.g. an unfinished run)
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: list[str]
-
-
-@dataclass(frozen=True)
-class Claims:
-    items: list[Claim]
-
-
-@dataclass(frozen=True)
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-
-
-@dataclass(frozen=True)
-class Code:
-    text: str
-    lang: str = ""
-    collapsed: str | None = None  # a summary line: the block starts folded (HTML <details>)
-
-
-@dataclass(frozen=True)
-class Figure:
-    path: Path
-    caption: str  # path under figures/ or the run directory (also the name of a copied figure)
-    run_label: str
-    description: str = ""
-
-
-Block = Heading | Text | Bullets | Claims | Table | Code | Figure
 
 
 def build_document(runs: Sequence[RunInfo], title: str) -> list[Block]:

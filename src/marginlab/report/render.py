@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
+from marginlab.report.blocks import Block, Bullets, Claims, Code, Figure, Heading, Table, Text
 from marginlab.report.claims import FAILS, HOLDS, Claim
-from marginlab.report.document import Block, Bullets, Claims, Code, Figure, Heading, Table, Text
 from marginlab.report.tables import markdown_table
 
 CSS = """
