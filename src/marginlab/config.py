@@ -20,6 +20,8 @@ from marginlab.errors import ConfigError
 
 T = TypeVar("T")
 
+INT_LIMIT = 2**63  # integer config values must lie strictly between -INT_LIMIT and INT_LIMIT
+
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -137,6 +139,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        if _is_seed(key):
+            from marginlab.seed import check_seed  # lazy: config stays free of torch and numpy
+
+            return check_seed(value, f"config key {key!r}")
+        # torch and numpy take 64-bit integers; a larger one overflows deep inside (or runs forever)
+        if not -INT_LIMIT < value < INT_LIMIT:
+            raise ConfigError(f"config key {key!r} must be an integer below 2**63 in magnitude, got {value}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -153,6 +162,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} must be a table, got {value!r}")
         return value
     return value
+
+
+def _is_seed(key: str) -> bool:
+    """Whether config key ``key`` (``a.b.seed``, ``grid.seed[2]``) holds a random seed."""
+    leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
+    return leaf == "seed" or leaf.endswith("_seed")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -175,3 +190,9 @@ def check_positive(name: str, value: float | int | None, *, allow_zero: bool = F
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     bound = ">= 0" if allow_zero else "> 0"
     require(ok, f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """Validate a count (steps, samples, restarts, batch size): an int in ``[minimum, 2**63)``."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and minimum <= value < INT_LIMIT
+    require(ok, f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -55,7 +55,7 @@ class TrackingConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from marginlab.estimators import ESTIMATORS
+        from marginlab.estimators.base import ESTIMATORS, validate_params
 
         require(len(self.estimators) > 0, "tracking.estimators must name at least one estimator")
         for name in self.estimators:
@@ -64,6 +64,7 @@ class TrackingConfig:
             require(
                 name in self.estimators, f"tracking.params.{name}: {name!r} is not in tracking.estimators"
             )
+            validate_params(name, self.params[name], f"tracking.params.{name}")  # types and ranges, now
         require(self.p in (2, "inf"), f'tracking.p must be 2 or "inf", got {self.p!r}')
         for key in ("n_train", "n_test"):
             n = getattr(self, key)

@@ -63,7 +63,10 @@ def _check_out(out: Path) -> None:
 
 
 def _parse_params(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
+    """``["ddn.steps=200"]`` -> ``{"ddn": {"steps": 200}}``, every value checked (type and range) now,
+    before any data is read or any estimator runs."""
     from marginlab.commands.robustness import parse_options
+    from marginlab.estimators.base import validate_params
 
     out: dict[str, dict[str, Any]] = {}
     for key, value in parse_options(items).items():
@@ -71,7 +74,7 @@ def _parse_params(items: list[str], names: list[str]) -> dict[str, dict[str, Any
         if not dot or est not in names:
             raise ConfigError(f"--param {key!r} must be EST.KEY=VALUE with EST among {', '.join(names)}")
         out.setdefault(est, {})[param] = value
-    return out
+    return {est: validate_params(est, params) for est, params in out.items()}
 
 
 def timed_margins(

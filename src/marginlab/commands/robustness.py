@@ -62,9 +62,34 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help=f"points drawn from the split with --seed (default {DEFAULT_N}, or all if fewer)",
     )
     p.add_argument("--all", action="store_true", help="use every point of the split (ignores --n)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the point subset and the attacks (default 0)")
+    p.add_argument(
+        "--seed", type=seed_arg, default=0, help="seed of the point subset and the attacks (default 0)"
+    )
     p.add_argument("--data-dir", help="data directory (default: $MARGINLAB_DATA or ~/.marginlab/data)")
-    p.add_argument("--batch-size", type=int, default=256, help="points per batch (default 256)")
+    p.add_argument("--batch-size", type=int_arg, default=256, help="points per batch (default 256)")
+
+
+def int_arg(text: str) -> int:
+    """argparse type: an integer that fits in 64 bits (torch overflows on larger ones, deep inside)."""
+    from marginlab.config import INT_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -INT_LIMIT < value < INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (integers must lie within +-(2**63 - 1))")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """argparse type: a seed (see :func:`marginlab.seed.check_seed`)."""
+    from marginlab.seed import check_seed
+
+    try:
+        return check_seed(int_arg(text), "the seed")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -118,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", required=True, help="comma-separated radii, e.g. 0.5,1,2")
     p.add_argument("--norm", default="L2", help="L2 or Linf (default L2)")
     p.add_argument("--attacks", default="pgd,autoattack", help="in order; the first runs on every point")
-    p.add_argument("--steps", type=int, default=1000, help="PGD steps (default 1000, the reference)")
+    p.add_argument("--steps", type=int_arg, default=1000, help="PGD steps (default 1000, the reference)")
     p.add_argument("--step-size", type=float, default=0.01, help="PGD step size (default 0.01)")
     p.add_argument("--bound", default="ddn", help="min-norm attack for the bound pre-pass, or 'none'")
     p.add_argument("--aa-version", default="standard", choices=["standard", "plus", "custom"])
@@ -131,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     from marginlab.evaluation import evaluate_robustness, parse_eps, parse_names
     from marginlab.fsio import atomic_write_json
     from marginlab.plots.common import save
-    from marginlab.robustness import ATTACKS, normalize_norm
+    from marginlab.robustness import ATTACKS, AttackSettings, normalize_norm
 
     # every cheap check first: nothing is loaded or written before the inputs make sense
     eps = parse_eps(args.eps)
@@ -141,6 +166,15 @@ def main(args: argparse.Namespace) -> int:
         ATTACKS.get(name)
     bound = None if args.bound.lower() == "none" else args.bound
     aa_attacks = parse_names(args.aa_attacks, "AutoAttack attack") if args.aa_attacks else None
+    settings: dict[str, Any] = {
+        "steps": args.steps,
+        "step_size": args.step_size,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "aa_version": args.aa_version,
+        "aa_attacks": tuple(aa_attacks) if aa_attacks else None,
+    }
+    AttackSettings(norm=norm, **settings)  # the attacks' own checks, made now rather than after the bound
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
@@ -153,12 +187,7 @@ def main(args: argparse.Namespace) -> int:
         norm=norm,
         attacks=attacks,
         bound=bound,
-        steps=args.steps,
-        step_size=args.step_size,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        aa_version=args.aa_version,
-        aa_attacks=aa_attacks,
+        **settings,
     )
     record = {
         "model": args.model,

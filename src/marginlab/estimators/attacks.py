@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from marginlab.config import check_count, check_positive, require
 from marginlab.errors import ConfigError
 from marginlab.estimators.base import Estimator, MarginKind, register
+from marginlab.seed import check_seed
 
 
 class _TowardClass(nn.Module):
@@ -87,6 +89,12 @@ class MinNormAttack(Estimator):
         return adv
 
 
+def _check_factor(name: str, gamma: float) -> None:
+    """DDN and FMN grow or shrink their radius by ``1 +- gamma``: only ``0 < gamma < 1`` makes sense."""
+    ok = isinstance(gamma, int | float) and not isinstance(gamma, bool) and 0 < gamma < 1
+    require(ok, f"{name} must lie strictly between 0 and 1, got {gamma!r}")
+
+
 @register("deepfool")
 @dataclass(kw_only=True)
 class DeepFool(MinNormAttack):
@@ -95,6 +103,13 @@ class DeepFool(MinNormAttack):
     steps: int = 50
     candidates: int = 10
     overshoot: float = 0.02
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.param_name("steps"), self.steps)
+        # foolbox compares the top class with at least one other (and raises below two)
+        check_count(self.param_name("candidates"), self.candidates, minimum=2)
+        check_positive(self.param_name("overshoot"), self.overshoot, allow_zero=True)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, p: float) -> torch.Tensor:
         from foolbox.attacks import L2DeepFoolAttack, LinfDeepFoolAttack
@@ -113,6 +128,12 @@ class DDN(MinNormAttack):
     steps: int = 100
     init_epsilon: float = 1.0
     gamma: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.param_name("steps"), self.steps)
+        check_positive(self.param_name("init_epsilon"), self.init_epsilon)
+        _check_factor(self.param_name("gamma"), self.gamma)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, p: float) -> torch.Tensor:
         from foolbox.attacks import DDNAttack
@@ -155,6 +176,12 @@ class FMN(MinNormAttack):
     max_stepsize: float | None = None  # None: 1.0 for L2, 0.1 for Linf
     gamma: float = 0.05
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.param_name("steps"), self.steps)
+        check_positive(self.param_name("max_stepsize"), self.max_stepsize)  # None passes
+        _check_factor(self.param_name("gamma"), self.gamma)
+
     def _attack(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, p: float) -> torch.Tensor:
         from foolbox.attacks import LInfFMNAttack
 
@@ -178,6 +205,13 @@ class FAB(MinNormAttack):
     n_restarts: int = 1
     eps: float | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.param_name("n_iter"), self.n_iter)
+        check_count(self.param_name("n_restarts"), self.n_restarts)
+        check_positive(self.param_name("eps"), self.eps)  # None passes
+        check_seed(self.seed, self.param_name("seed"))
 
     def _attack(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, p: float) -> torch.Tensor:
         from pyautoattack.fab_pt import FABAttack_PT

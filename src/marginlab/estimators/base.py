@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
 import torch
 from torch import nn
 
+from marginlab.config import check_count, from_dict
 from marginlab.errors import ConfigError
 from marginlab.registry import Registry
 
@@ -105,8 +106,12 @@ class Estimator(ABC):
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"{self.name}: batch_size must be >= 1, got {self.batch_size}")
+        """Range checks (types are checked by :func:`build_estimator`); subclasses extend it."""
+        check_count(self.param_name("batch_size"), self.batch_size)
+
+    def param_name(self, field: str) -> str:
+        """``"ddn.steps"``: how a parameter is named in ``--param`` and in error messages."""
+        return f"{self.name}.{field}"
 
     @final
     def __call__(
@@ -153,12 +158,32 @@ def _check_labels(model: nn.Module, x1: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def build_estimator(name: str, **params: object) -> Estimator:
-    """Instantiate estimator ``name`` with keyword ``params``; unknown parameters raise ConfigError."""
+    """Instantiate estimator ``name`` with keyword ``params``, checked: unknown parameters, values of the
+    wrong type (against the fields' type hints, ``config.from_dict``) and out-of-range values (each
+    estimator's ``__post_init__``) raise a one-line ConfigError naming ``name.param``."""
     cls = ESTIMATORS.get(name)
-    allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    allowed = [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ConfigError(
             f"estimator {name!r} has no parameter {unknown[0]!r}; parameters: {', '.join(allowed)}"
         )
-    return cls(**params)
+    return from_dict(cls, params, where=name)
+
+
+def validate_params(name: str, params: object, where: str = "") -> dict[str, Any]:
+    """Check estimator ``name``'s parameters ``params`` (a dict from a config or ``--param``) as
+    :func:`build_estimator` does, without running anything; return them converted to the fields' types.
+
+    Configs call it while they are validated, so a bad value fails before any run directory exists;
+    ``where`` (e.g. ``"tracking.params.ddn"``) is put in front of the message.
+    """
+    try:
+        if not isinstance(params, dict):
+            raise ConfigError(f"the parameters of estimator {name!r} must be a table, got {params!r}")
+        estimator = build_estimator(name, **params)
+    except ConfigError as e:
+        if not where:
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+    return {k: getattr(estimator, k) for k in params}

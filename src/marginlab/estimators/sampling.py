@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from marginlab.errors import ConfigError
+from marginlab.config import check_count, check_positive
 from marginlab.estimators.base import Estimator, MarginKind, dual_norm, register
 from marginlab.estimators.first_order import gap_gradient_norms, min_ratio
+from marginlab.seed import check_seed
 
 
 def uniform_ball(
@@ -60,8 +61,10 @@ class Sampling(Estimator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.radius <= 0 or self.n_batches < 1 or self.n_samples < 1 or self.points_per_pass < 1:
-            raise ConfigError("sampling: radius must be > 0 and n_batches, n_samples, points_per_pass >= 1")
+        check_positive(self.param_name("radius"), self.radius)
+        for field in ("n_batches", "n_samples", "points_per_pass"):
+            check_count(self.param_name(field), getattr(self, field))
+        check_seed(self.seed, self.param_name("seed"))
 
     def _prepare(self, model: nn.Module, x1: torch.Tensor, p: float) -> None:
         # One generator per call: results depend only on the seed, the data and the batching.

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from marginlab.config import check_count, check_positive
 from marginlab.errors import ConfigError
 from marginlab.registry import Registry
+from marginlab.seed import check_seed
 
 __all__ = ["ATTACKS", "NORMS", "AttackSettings", "autoattack", "normalize_norm", "pgd"]
 
@@ -51,8 +53,10 @@ class AttackSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", normalize_norm(self.norm))
-        if self.steps < 1 or not self.step_size > 0 or self.batch_size < 1:
-            raise ConfigError("attack steps and batch_size must be >= 1 and step_size > 0")
+        check_count("attack steps", self.steps)
+        check_positive("attack step_size", self.step_size)  # also rejects nan and inf
+        check_count("attack batch_size", self.batch_size)
+        check_seed(self.seed, "attack seed")
         if self.aa_version not in AA_VERSIONS:
             raise ConfigError(f"unknown AutoAttack version {self.aa_version!r}; choose from: {AA_VERSIONS}")
         if (self.aa_version == "custom") != bool(self.aa_attacks):
@@ -60,8 +64,8 @@ class AttackSettings:
         bad = [a for a in self.aa_attacks or () if a not in AA_ATTACKS]
         if bad:
             raise ConfigError(f"unknown AutoAttack attack {bad[0]!r}; choose from: {', '.join(AA_ATTACKS)}")
-        if self.aa_iters is not None and self.aa_iters < 1:
-            raise ConfigError(f"aa_iters must be >= 1, got {self.aa_iters}")
+        if self.aa_iters is not None:
+            check_count("aa_iters", self.aa_iters)
 
 
 # An attack: (model, x [n, ...] clean-correct, y [n], eps, settings) -> (x_adv [n, ...], notes).
