@@ -85,12 +85,19 @@ def plan(raw: dict[str, Any], path: str | Path) -> Mode:
     """What :func:`run_or_resume` will do with ``path``: ``new``, ``resume`` or ``skip`` (finished).
 
     A directory holding a *different* config is a user error (never overwritten, never skipped)."""
-    path = Path(path)
+    return plan_mode(path, config_record(raw))
+
+
+def plan_mode(path: str | Path, expected: dict[str, Any]) -> Mode:
+    """:func:`plan` for a run whose ``config.json`` must equal ``expected`` (the sweep's fake runs use
+    this directly). A run directory without a checkpoint is resumed too: it starts over in place."""
     rd = RunDir(path)
     if not rd.is_run_dir:
         return "new"
-    if read_config(path) != config_record(raw):
-        raise RunDirError(f"{path} holds a run with a different config; choose another --out or move it away")
+    if read_config(rd.path) != expected:
+        raise RunDirError(
+            f"{rd.path} holds a run with a different config; choose another --out or move that directory away"
+        )
     return "skip" if rd.finished else "resume"
 
 

@@ -7,8 +7,9 @@ processes; ``jobs=1`` runs in this process), and keeps three files in ``out`` cu
 - ``sweep.json``: the manifest (base config, grid, and per run its values, config, status and error);
 - ``sweep.csv`` and ``sweep.md``: one row per run, grid values + status + scalar summary keys.
 
-Restarting the same sweep skips finished runs (``summary.json`` present), resumes unfinished runs that
-have a checkpoint and restarts the others (the old directory is moved aside, never deleted). A run whose
+Restarting the same sweep skips finished runs (``summary.json`` present) and resumes unfinished ones
+(from their checkpoint, or from the start, in place, when they have none): the runner's
+:func:`marginlab.runner.plan_mode` decides, as for ``marginlab run`` and comparisons. A run whose
 directory holds a *different* config is a user error, not something to skip or overwrite. A failing run
 never stops the sweep: it is recorded as ``failed`` with a one-line reason.
 
@@ -31,10 +32,11 @@ from typing import Any
 from marginlab.errors import ConfigError, RunDirError
 from marginlab.fsio import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from marginlab.report.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
-from marginlab.runs import CONFIG, SUMMARY
+from marginlab.runner import plan_mode
+from marginlab.runs import SUMMARY, SWEEP_CSV, SWEEP_MANIFEST, SWEEP_MD
 from marginlab.sweep.grid import SweepPoint, parse_grid, plan_sweep, run_name, split_values
 from marginlab.sweep.stopping import SweepStopped, sigterm_stops_sweep, stop_signal
-from marginlab.sweep.workers import Outcome, RunFn, default_run, execute, run_mode
+from marginlab.sweep.workers import Outcome, RunFn, default_run, execute
 
 __all__ = [
     "RunFn",
@@ -45,14 +47,13 @@ __all__ = [
     "default_run",
     "parse_grid",
     "plan_sweep",
-    "run_mode",
     "run_name",
     "run_sweep",
     "split_values",
     "stop_signal",
 ]
 
-MANIFEST, TABLE_CSV, TABLE_MD = "sweep.json", "sweep.csv", "sweep.md"
+MANIFEST, TABLE_CSV, TABLE_MD = SWEEP_MANIFEST, SWEEP_CSV, SWEEP_MD
 
 
 @dataclass
@@ -60,7 +61,7 @@ class RunRecord:
     """What happened to one grid point (``status``: pending, running, finished, failed or interrupted)."""
 
     point: SweepPoint
-    mode: str = "pending"  # skip (already finished), new, resume, restart
+    mode: str = "pending"  # skip (already finished), new, resume (see marginlab.runner.plan_mode)
     status: str = "pending"
     error: str | None = None
     traceback: str | None = None
@@ -104,8 +105,7 @@ def run_sweep(
     records = [RunRecord(p) for p in plan_sweep(base, grid)]
     for rec in records:
         path = out / rec.point.name
-        _check_same_config(path, _expected_config(rec.point, validate))
-        rec.mode = run_mode(path)
+        rec.mode = plan_mode(path, _expected_config(rec.point, validate))
         if rec.mode == "skip":
             _finish(rec, path, Outcome(None))
     writer = _Writer(out, base, grid, records, keys)
@@ -129,29 +129,15 @@ def run_sweep(
 
 
 def _expected_config(point: SweepPoint, validate: bool) -> dict[str, Any]:
-    """The config.json the point's run directory should hold (the runner's normalised form)."""
+    """The config.json the point's run directory should hold (the runner's resolved form)."""
     if not validate:
-        return json.loads(json.dumps(to_jsonable(point.config)))
-    from marginlab.config import to_dict
-    from marginlab.runner import build_config
+        return to_jsonable(point.config)
+    from marginlab.runner import config_record
 
     try:
-        kind, cfg = build_config(point.config)
+        return config_record(point.config)
     except ConfigError as e:
         raise ConfigError(f"sweep run {point.name}: {e}") from None
-    return json.loads(json.dumps({"kind": kind, **to_dict(cfg)}))
-
-
-def _check_same_config(path: Path, expected: dict[str, Any]) -> None:
-    try:
-        existing = read_json(path / CONFIG)
-    except (OSError, ValueError):
-        return  # no (readable) config: nothing to protect; the run is started afresh
-    if existing != expected:
-        raise ConfigError(
-            f"{path} holds a run with a different config than this sweep asks for; "
-            "choose another --out or move that directory away"
-        )
 
 
 def _finish(rec: RunRecord, path: Path, outcome: Outcome) -> None:

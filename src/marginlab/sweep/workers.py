@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from marginlab.errors import MarginlabError
-from marginlab.runs import CHECKPOINT, SUMMARY, RunDir
 from marginlab.sweep.stopping import ctrl_c_held, die_with_parent, ignore_ctrl_c
 
 # A run function gets (raw config, run directory, mode) and runs that one experiment to completion.
@@ -43,27 +42,10 @@ class Outcome(NamedTuple):
 
 
 def default_run(raw: dict[str, Any], path: Path, mode: str) -> None:
-    """Run one grid point with the experiment runner (``mode``: new, resume or restart)."""
-    from marginlab.runner import resume_experiment, run_experiment
+    """Run one grid point with the experiment runner (it decides run / resume / skip itself)."""
+    from marginlab.runner import run_or_resume
 
-    if mode == "resume":
-        resume_experiment(path)
-        return
-    if mode == "restart":
-        # Refuse to move aside a directory that another process is writing (e.g. a second sweep).
-        probe = RunDir(path)
-        probe.lock()
-        probe.unlock()
-    run_experiment(raw, path, force=mode == "restart")
-
-
-def run_mode(path: Path) -> str:
-    """What a (re)started sweep does with a run directory: skip, new, resume or restart."""
-    if not path.is_dir() or not any(path.iterdir()):
-        return "new"
-    if (path / SUMMARY).is_file():
-        return "skip"
-    return "resume" if (path / CHECKPOINT).is_file() else "restart"
+    run_or_resume(raw, path)
 
 
 def attempt(run_fn: RunFn, raw: dict[str, Any], path: Path, mode: str) -> Outcome:
