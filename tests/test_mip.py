@@ -170,3 +170,6 @@ def test_bracket_command_writes_table_summary_and_figure(tmp_path, capsys) -> No
     assert "bracket ratio" in capsys.readouterr().out
     assert main([*argv[:-4], "--estimator", "bracket,first-order", "--out", str(out)]) == 2
     assert "bracket combines with mip only" in capsys.readouterr().err
+    for bad in ("bracket.steps=3", "bracket.time_limit=-1", "bracket.domain=sphere"):
+        assert main([*argv, "--param", bad]) == 2
+        assert capsys.readouterr().err.count("\n") == 1

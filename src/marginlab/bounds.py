@@ -17,9 +17,11 @@ row vector ``A`` of a linear function of the current layer is pulled through eac
 until ``A`` is a function of the input, minimised over ``X`` in closed form (:meth:`InputSet.concretize`).
 The ReLU relaxations need bounds on every pre-activation: :func:`layer_bounds` computes them layer by
 layer, by interval arithmetic (IBP) always and by the same backward pass (identity specification, one
-row per neuron) where a layer has at most ``crown_neurons`` neurons, keeping the tighter of the two.
-Convolutional layers of image nets have tens of thousands of neurons, so by default their bounds come
-from IBP (the backward pass per neuron would cost seconds per point); the first layer is exact anyway.
+row per neuron) where (neurons of the layer) x (widest layer below it) <= ``crown_budget``, keeping the
+tighter of the two. Convolutional layers of image nets have tens of thousands of neurons, so by default
+their bounds come from IBP (the backward pass per neuron would cost minutes per point on a CPU); the
+first layer is exact anyway. IBP bounds grow quickly with depth: on a CNN the result can be no better
+than the global Lipschitz bound (docs/bounds.md has measurements).
 
 auto_LiRPA, the reference implementation, pins torch<1.13 and cannot be installed beside this
 project's torch, hence this hand-written version of the parts needed here.
@@ -42,6 +44,9 @@ Shape = tuple[int, ...]
 DOMAINS = ("box", "rd")
 # Floats of one backward pass held at once (A [B, S, n]); chunks of neurons are sized to fit.
 _BUDGET = 1 << 24
+# Backward-propagated bounds for a layer of n neurons cost about n times the widest layer below it:
+# affordable for MLPs (784-1024-1024: 2^20), not for the conv layers of an image CNN (2^28 and more).
+CROWN_BUDGET = 1 << 22
 
 
 def parse_domain(domain: str) -> str:
@@ -432,7 +437,7 @@ def _first_block_bounds(ops: Sequence[Op], in_shape: Shape, inset: InputSet) -> 
 
 
 def layer_bounds(
-    ops: Sequence[Op], inset: InputSet, *, crown_neurons: int = 4096
+    ops: Sequence[Op], inset: InputSet, *, crown_budget: int = CROWN_BUDGET
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """``{i: (l, u)}``, each ``[B,*ops[i].in_shape]``: bounds at the input of every nonlinear ``ops[i]``."""
     bounds: dict[int, tuple[Tensor, Tensor]] = {}
@@ -446,7 +451,8 @@ def layer_bounds(
             lo, hi = ops[j].ibp(*bounds[j])
             for k in range(j + 1, i):
                 lo, hi = ops[k].ibp(lo, hi)
-            if math.prod(op.in_shape) <= crown_neurons:
+            widest = max(math.prod(o.in_shape) for o in ops[:i])
+            if math.prod(op.in_shape) * widest <= crown_budget:  # the cost of one backward pass per neuron
                 cl, ch = _crown_neuron_bounds(ops[:i], bounds, inset)
                 lo, hi = torch.maximum(lo, cl), torch.minimum(hi, ch)
         bounds[i] = (lo, hi)
@@ -461,11 +467,11 @@ def lower_bounds(
     *,
     p: float,
     box: bool,
-    crown_neurons: int = 4096,
+    crown_budget: int = CROWN_BUDGET,
 ) -> Tensor:
     """Certified ``L [B,S] <= min_{x in X} spec f(x)`` for ``x0 [B,*in]``, ``eps [B]``, ``spec [B,S,K]``."""
     inset = InputSet(x0.double().flatten(1), eps.double(), p, box)
-    bounds = layer_bounds(ops, inset, crown_neurons=crown_neurons)
+    bounds = layer_bounds(ops, inset, crown_budget=crown_budget)
     return _backward(ops, bounds, spec.double(), inset)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from marginlab.errors import ConfigError
 
-PARAMS = ("domain", "attacks", "time_limit", "rtol", "crown_neurons")
+PARAMS = ("domain", "attacks", "time_limit", "rtol", "crown_budget")
 
 
 @dataclass
@@ -61,7 +61,7 @@ def compute_bracket(
     exact: bool = False,
     time_limit: float = 60.0,
     rtol: float = 1e-3,
-    crown_neurons: int = 4096,
+    crown_budget: int = 1 << 22,
     batch_size: int = 64,
 ) -> Bracket:
     """Brackets of ``x [N,C,H,W]``, ``y [N]``: crown, best (``attacks``, default DeepFool+DDN for L2,
@@ -73,7 +73,7 @@ def compute_bracket(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     crown = build_estimator(
-        "crown", domain=domain, rtol=rtol, crown_neurons=crown_neurons, batch_size=batch_size
+        "crown", domain=domain, rtol=rtol, crown_budget=crown_budget, batch_size=batch_size
     )
     lower = crown(model, x, y, p=p)
     seconds["crown"] = time.perf_counter() - t0
@@ -141,20 +141,35 @@ def plot(b: Bracket, path: str | Path, *, p: float, domain: str) -> Path:
     return save(fig, path)
 
 
-def _params(items: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(items) - set(PARAMS))
-    if unknown:
-        raise ConfigError(f"bracket has no parameter {unknown[0]!r}; parameters: {', '.join(PARAMS)}")
-    out = dict(items)
+def _params(items: list[str]) -> dict[str, Any]:
+    """``--param bracket.KEY=VALUE`` items -> keyword arguments of :func:`compute_bracket`, checked."""
+    from marginlab.bounds import parse_domain
+    from marginlab.commands.robustness import parse_options
+
+    out: dict[str, Any] = {}
+    for key, value in parse_options(items).items():
+        est, _, name = key.partition(".")
+        if est != "bracket" or name not in PARAMS:
+            raise ConfigError(
+                f"--param {key!r}: with bracket use bracket.KEY=VALUE, KEY one of {', '.join(PARAMS)}"
+            )
+        out[name] = value
     if "attacks" in out:
         a = out["attacks"]
         out["attacks"] = tuple(a.split(",")) if isinstance(a, str) else tuple(a)
+    out["domain"] = parse_domain(out.get("domain", "box"))
+    for name, kind in (("time_limit", float), ("rtol", float), ("crown_budget", int)):
+        if name in out:
+            value = out[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"bracket.{name} must be a positive number, got {value!r}")
+            out[name] = kind(value)
     return out
 
 
 def bracket_main(args: argparse.Namespace, names: list[str]) -> int:
     """``marginlab margins --estimator bracket[,mip]``: table, summary JSON and figure beside ``--out``."""
-    from marginlab.commands.margins import _parse_params, _write_table, summary_path
+    from marginlab.commands.margins import _write_table, summary_path
     from marginlab.commands.robustness import load_from_args
     from marginlab.estimators import norm_order
     from marginlab.fsio import atomic_write_json
@@ -163,10 +178,10 @@ def bracket_main(args: argparse.Namespace, names: list[str]) -> int:
     if extra:
         raise ConfigError(f"--estimator bracket combines with mip only, not {extra[0]!r}")
     p = norm_order(args.p)
-    params = _params(_parse_params(args.param, names).get("bracket", {}))
+    params = _params(args.param)
     loaded = load_from_args(args)
     model, data, index = loaded[0], loaded[1], loaded[2]
-    domain = params.pop("domain", "box")
+    domain = params.pop("domain")
     b = compute_bracket(
         model, data.x, data.y, p=p, domain=domain, exact="mip" in names, batch_size=args.batch_size, **params
     )
@@ -183,6 +198,8 @@ def bracket_main(args: argparse.Namespace, names: list[str]) -> int:
     plot(b, figure, p=p, domain=domain)
     info = {"model": args.model, "data": args.data, "split": args.split, "p": str(args.p), "domain": domain}
     info["kinds"] = {"crown": "lower bound", "best": "upper bound", "mip": "exact"}
+    if len(loaded) > 3:  # what was loaded (spec, weights, preprocessing), where the loader reports it
+        info["loaded_model"] = loaded[3]
     atomic_write_json(summary_path(out), {**info, "bracket": summary(b)})
     s = summary(b)
     print(f"bracket ratio best/crown: median {s['ratio_median']}  p90 {s['ratio_p90']}  (n={s['n']})")

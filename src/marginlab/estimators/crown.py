@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from marginlab.bounds import Op, lower_bounds, margin_spec, network_ops, parse_domain
+from marginlab.bounds import CROWN_BUDGET, Op, lower_bounds, margin_spec, network_ops, parse_domain
 from marginlab.errors import ConfigError
 from marginlab.estimators.base import Estimator, MarginKind, build_estimator, register
 
@@ -41,12 +41,12 @@ def certified(
     *,
     p: float,
     box: bool,
-    crown_neurons: int,
+    crown_budget: int,
 ) -> torch.Tensor:
     """``[B]`` bool: is the ball of radius ``eps [B]`` around ``x [B,*in]`` certified (see module doc)?"""
     num_classes = ops[-1].out_shape[0]
     spec = margin_spec(y, num_classes, sign)
-    low = lower_bounds(ops, x, eps, spec, p=p, box=box, crown_neurons=crown_neurons)
+    low = lower_bounds(ops, x, eps, spec, p=p, box=box, crown_budget=crown_budget)
     return torch.where(sign > 0, low.min(dim=1).values > 0, low.max(dim=1).values > 0)
 
 
@@ -60,7 +60,7 @@ def certified_radius(
     box: bool,
     lo: torch.Tensor | None = None,
     rtol: float = 1e-4,
-    crown_neurons: int = 4096,
+    crown_budget: int = CROWN_BUDGET,
 ) -> torch.Tensor:
     """Largest certified radius ``[B]`` (float64) of ``x [B,*in]`` by bracketing and bisection.
 
@@ -74,7 +74,7 @@ def certified_radius(
     cover = 1.0 if p == math.inf else math.sqrt(x[0].numel())
 
     def check(idx: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return certified(ops, x[idx], y[idx], sign[idx], eps, p=p, box=box, crown_neurons=crown_neurons)
+        return certified(ops, x[idx], y[idx], sign[idx], eps, p=p, box=box, crown_budget=crown_budget)
 
     hi = torch.where(lo > 0, 2 * lo, torch.full_like(lo, cover / 64))
     if box:
@@ -108,7 +108,8 @@ class Crown(Estimator):
     """Certified lower bound: the largest radius that bound propagation certifies (see the module doc).
 
     ``domain``: ``"box"`` ([0,1]^d, default) or ``"rd"``; ``rtol``: bisection precision;
-    ``crown_neurons``: layers with at most this many neurons get backward-propagated bounds (more: IBP);
+    ``crown_budget``: a layer gets backward-propagated bounds when its neurons times the widest layer
+    below it is at most this (else interval bounds; see :mod:`marginlab.bounds`);
     ``warm_start``: start from the Lipschitz bound.
     """
 
@@ -117,7 +118,7 @@ class Crown(Estimator):
     batch_size: int = 64
     domain: str = "box"
     rtol: float = 1e-4
-    crown_neurons: int = 4096
+    crown_budget: int = CROWN_BUDGET
     warm_start: bool = True
 
     def __post_init__(self) -> None:
@@ -148,6 +149,6 @@ class Crown(Estimator):
             box=self.domain == "box",
             lo=lo,
             rtol=self.rtol,
-            crown_neurons=self.crown_neurons,
+            crown_budget=self.crown_budget,
         )
         return torch.where(correct.cpu(), radius, -radius)

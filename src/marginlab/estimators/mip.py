@@ -17,8 +17,11 @@ one program: the smallest ``delta`` with ``f_y >= f_j`` for all ``j`` (the dista
 
 Per point, within ``time_limit`` seconds for all its programs, the result is a :class:`PointResult`:
 ``status`` ``"exact"`` (every program closed: ``lower == upper``), ``"time limit"`` (the bracket
-``[lower, upper]`` from SCIP's dual bounds and the best solution) or ``"unsolved"`` (no perturbation
-found within the initial radius; ``upper`` is then that radius, or ``inf``). The perturbation found is
+``[lower, upper]`` from SCIP's dual bounds and the best solution; the lower end is raised to the
+crown certified radius where that is higher) or ``"unsolved"`` (no perturbation found within the
+initial radius; ``upper`` is then that radius, or ``inf``). In the box domain, when no attack found
+anything and no program is feasible on the whole box, the status is ``"exact"`` with ``upper = inf``
+(no adversarial image exists). The perturbation found is
 checked by a forward pass in float64 (``verified``: the target logit is within ``VERIFY_TOL`` of
 beating ``y``, or beats it). The estimator returns the signed ``upper`` of every point (exact where the
 status says so); ``Mip.last_details`` holds the :class:`PointResult` of every point of the last call.
@@ -276,7 +279,7 @@ def solve_point(
     programs = 0
     for k in targets:
         inset = InputSet(x0.flatten()[None], torch.tensor([best], dtype=torch.float64), p, box)
-        bounds = layer_bounds(setup.ops, inset, crown_neurons=1 << 14)
+        bounds = layer_bounds(setup.ops, inset, crown_budget=1 << 62)
         if k is not None:  # prune a class that provably cannot beat y within the best radius
             spec = margin_spec(torch.tensor([y]), len(logits), torch.ones(1))[:, [k - (k > y)]]
             if bool(lower_bounds(setup.ops, x0[None], inset.eps, spec, p=p, box=box)[0, 0] > 0):
