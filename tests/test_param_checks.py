@@ -19,7 +19,7 @@ from conftest import tiny_train_toml, write_text
 from marginlab.cli import main
 from marginlab.config import from_dict
 from marginlab.errors import ConfigError
-from marginlab.estimators import build_estimator
+from marginlab.estimators import build_estimator, estimate_margins
 from marginlab.estimators.base import validate_params
 from marginlab.models import build_model
 from marginlab.robustness.attacks import AttackSettings
@@ -174,6 +174,19 @@ def test_build_estimator_checks_types_and_ranges():
     assert build_estimator("best", attacks="ddn").attacks == ("ddn",)
     assert validate_params("fmn", {"max_stepsize": 2}) == {"max_stepsize": 2.0}
     assert validate_params("fmn", {"max_stepsize": None}) == {"max_stepsize": None}
+
+
+def test_estimate_margins_checks_every_param_before_running_any_estimator():
+    calls = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model.register_forward_hook(lambda *_: calls.append(1))
+    x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ConfigError, match=r"ddn\.steps"):
+        estimate_margins(model, x, y, ["first-order", "ddn"], params={"ddn": {"steps": -1}})
+    assert calls == []  # first-order did not run first
+    # a single attack name where a list is expected is one attack, not a list of characters
+    got = estimate_margins(model, x, y, ["ddn", "best"], params={"best": {"attacks": "ddn"}})
+    assert torch.equal(got["best"], got["ddn"])
 
 
 def test_attack_settings_ranges():

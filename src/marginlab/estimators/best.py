@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from marginlab.errors import ConfigError
-from marginlab.estimators.base import ESTIMATORS, Estimator, MarginKind, build_estimator, register
+from marginlab.estimators.base import (
+    ESTIMATORS,
+    Estimator,
+    MarginKind,
+    build_estimator,
+    register,
+    validate_params,
+)
 
 DEFAULT_BEST = ("deepfool", "ddn")
 
@@ -72,6 +79,7 @@ def estimate_margins(
         raise ConfigError(f"params given for {unknown[0]!r}, which is not among the estimators {list(names)}")
     for name in names:
         ESTIMATORS.get(name)  # fail on a typo before any long computation
+    params = {name: validate_params(name, kw) for name, kw in params.items()}  # and on a bad value
     if device is not None:
         model.to(device)
     results: dict[str, torch.Tensor] = {}
@@ -90,6 +98,6 @@ def estimate_margins(
     if "best" in names:
         best_params = dict(params.get("best", {}))
         attacks = best_params.pop("attacks", None) or [n for n in names if _is_attack(n)] or DEFAULT_BEST
-        Best(attacks=tuple(attacks))  # validates the names
+        attacks = build_estimator("best", attacks=attacks).attacks  # validates the names
         results["best"] = combine_upper_bounds([run(a) for a in attacks])
     return {name: results[name] for name in names}
