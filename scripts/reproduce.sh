@@ -28,15 +28,8 @@ mkdir -p results
 
 run_stage() {
   local config="configs/$1-$preset.toml" out="results/$1-$preset"
-  if [ -f "$out/summary.json" ]; then
-    echo "== $out: finished earlier, kept"
-  elif [ -f "$out/checkpoint.pt" ]; then
-    echo "== $out: resuming"
-    marginlab run --resume "$out"
-  else
-    echo "== $out: running $config"
-    marginlab run "$config" --out "$out" --force
-  fi
+  echo "== $out: $config ($(date +%H:%M:%S))"
+  marginlab run "$config" --out "$out" --continue  # runs it, resumes it, or keeps it if it finished
   runs+=("$out")
 }
 

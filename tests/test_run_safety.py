@@ -277,3 +277,19 @@ def test_checkpoint_does_not_grow_with_the_run(tmp_path: Path) -> None:
         assert "records" not in raw
         sizes[epochs] = (run / CHECKPOINT).stat().st_size
     assert abs(sizes[12] - sizes[2]) < 64, sizes
+
+
+def test_continue_runs_resumes_or_skips(tmp_path: Path, capsys) -> None:
+    cfg = write_text(tmp_path / "t.toml", tiny_train_toml(epochs=3))
+    run = tmp_path / "r"
+    assert main(["run", str(cfg), "--out", str(run), "--continue"]) == 0
+    summary = (run / SUMMARY).read_bytes()
+    assert main(["run", str(cfg), "--out", str(run), "--continue"]) == 0  # finished: skipped
+    assert (run / SUMMARY).read_bytes() == summary and "already finished" in capsys.readouterr().out
+    _unfinish(run)
+    assert main(["run", str(cfg), "--out", str(run), "--continue"]) == 0  # unfinished: resumed
+    assert (run / SUMMARY).is_file()
+    assert [s["mode"] for s in json.loads((run / PROVENANCE).read_text())["sessions"]] == ["new", "resume"]
+    assert "different config" in cli_error(
+        ["run", str(cfg), "--out", str(run), "--continue", "seed=1"], capsys
+    )

@@ -16,11 +16,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--force", action="store_true", help="move an existing run directory aside")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an unfinished run from its checkpoint")
+    p.add_argument(
+        "--continue",
+        dest="cont",
+        action="store_true",
+        help="run CONFIG into --out, or resume it there if it is unfinished, or skip it if it finished "
+        "(the directory must hold the same config)",
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from marginlab.runner import resume_experiment, run_experiment
+    from marginlab.runner import resume_experiment, run_experiment, run_or_resume
 
     if args.resume:
         if args.config or args.overrides:
@@ -31,6 +38,14 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError("give a CONFIG file (e.g. configs/logreg-quick.toml) or --resume RUN_DIR")
         raw = load_config(args.config, args.overrides)
         out = args.out or str(Path("runs") / Path(args.config).stem)
+        if args.cont:
+            if args.force:
+                raise ConfigError(
+                    "--continue keeps what the directory holds; it cannot be combined with --force"
+                )
+            mode = run_or_resume(raw, out)
+            print(f"run {'already finished' if mode == 'skip' else 'finished'}: {out}")
+            return 0
         path = run_experiment(raw, out, force=args.force)
     print(f"run finished: {path}")
     return 0
