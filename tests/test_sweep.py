@@ -22,7 +22,6 @@ import pytest
 
 from marginlab.cli import main as cli_main
 from marginlab.errors import ConfigError, RunDirError
-from marginlab.runner import plan_mode
 from marginlab.sweep import (
     SweepStopped,
     parse_grid,
@@ -152,6 +151,8 @@ def test_restart_skips_finished_runs_and_resumes_or_restarts_the_rest(tmp_path: 
     (out / "seed=1" / "summary.json").unlink()  # killed before the end, no checkpoint
     (out / "seed=2" / "summary.json").unlink()  # killed with a checkpoint
     (out / "seed=2" / "checkpoint.pt").write_bytes(b"")
+    from marginlab.runner import plan_mode  # here: the spawned workers import this module, not torch
+
     modes = [plan_mode(out / f"seed={s}", {**BASE, "seed": s}) for s in range(5)]
     assert modes == ["skip", "resume", "resume", "skip", "new"]
     result = run_sweep(BASE, grid, out, run_fn=fake_run, validate=False)

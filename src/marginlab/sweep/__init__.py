@@ -32,7 +32,6 @@ from typing import Any
 from marginlab.errors import ConfigError, RunDirError
 from marginlab.fsio import atomic_write_json, atomic_write_text, read_json, to_jsonable
 from marginlab.report.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
-from marginlab.runner import plan_mode
 from marginlab.runs import SUMMARY, SWEEP_CSV, SWEEP_MANIFEST, SWEEP_MD
 from marginlab.sweep.grid import SweepPoint, parse_grid, plan_sweep, run_name, split_values
 from marginlab.sweep.stopping import SweepStopped, sigterm_stops_sweep, stop_signal
@@ -105,7 +104,7 @@ def run_sweep(
     records = [RunRecord(p) for p in plan_sweep(base, grid)]
     for rec in records:
         path = out / rec.point.name
-        rec.mode = plan_mode(path, _expected_config(rec.point, validate))
+        rec.mode = _plan_mode(path, _expected_config(rec.point, validate))
         if rec.mode == "skip":
             _finish(rec, path, Outcome(None))
     writer = _Writer(out, base, grid, records, keys)
@@ -126,6 +125,14 @@ def run_sweep(
     finally:
         writer.write()
     return SweepResult(out, records)
+
+
+def _plan_mode(path: Path, expected: dict[str, Any]) -> str:
+    # Imported here: the runner imports torch, and every worker process imports this package to run its
+    # job; a job that never needs torch (a custom run_fn) should not pay seconds for it.
+    from marginlab.runner import plan_mode
+
+    return plan_mode(path, expected)
 
 
 def _expected_config(point: SweepPoint, validate: bool) -> dict[str, Any]:
