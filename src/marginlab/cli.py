@@ -33,11 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="marginlab: margins of classifiers and what they mean for adversarial robustness.",
     )
     parser.add_argument("--version", action="version", version=f"marginlab {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug messages of marginlab itself")
+    noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(f"marginlab.commands.{name}").register(sub)
     return parser
+
+
+def setup_logging(level: int) -> None:
+    """marginlab's own messages at ``level``; every other library at WARNING, so that ``-v`` shows no
+    matplotlib font-manager debug and foolbox's ``INFO root:`` lines never appear."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("marginlab").setLevel(level)
 
 
 def _is_override(arg: str) -> bool:
@@ -66,10 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)

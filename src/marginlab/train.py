@@ -32,7 +32,14 @@ from marginlab.checkpoint import Checkpoint, capture_rng, regularizer_state, res
 from marginlab.config import check_positive, require
 from marginlab.distributed import DistContext
 from marginlab.errors import ConfigError
-from marginlab.progress import check_tensorboard, log_tensorboard, open_tensorboard, postfix
+from marginlab.progress import (
+    check_tensorboard,
+    epoch_line,
+    log_tensorboard,
+    on_terminal,
+    open_tensorboard,
+    postfix,
+)
 from marginlab.runs import RunDir
 from marginlab.tracking import MarginTracker, save_points
 
@@ -209,8 +216,12 @@ class _Loop:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
         writer = open_tensorboard(self.cfg.tensorboard, self.rd, self.dist, purge_step=self.epoch + 1)
-        hide = None if (self.cfg.progress and self.dist.is_main) else True  # None: only on a terminal
-        bar = tqdm(total=self.cfg.epochs + 1, initial=self.epoch + 1, desc="epochs", unit="ep", disable=hide)
+        # A bar for a person at a terminal, one log line per epoch for a file (nohup, a scheduler)
+        shown = self.cfg.progress and self.dist.is_main and on_terminal()
+        hide = not shown
+        # epoch 0 (the untrained model's margins) is measured but is not a training epoch: not counted
+        done = max(self.epoch, 0)
+        bar = tqdm(total=self.cfg.epochs, initial=done, desc="epochs", unit="ep", disable=hide)
         try:
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
                 t0 = time.perf_counter()
@@ -227,8 +238,11 @@ class _Loop:
                 self.records.append(rec)
                 self.epoch = epoch
                 self.end_epoch(rec, writer)
-                bar.set_postfix(postfix(rec), refresh=False)
-                bar.update(1)
+                if shown:
+                    bar.set_postfix(postfix(rec), refresh=False)
+                    bar.update(1 if epoch > 0 else 0)
+                elif self.dist.is_main:
+                    log.info("%s", epoch_line(rec, self.cfg.epochs))
         finally:
             bar.close()
             if writer is not None:

@@ -147,6 +147,9 @@ class RobustnessConfig:
             require(est.kind is MarginKind.UPPER, f"robustness.bound {self.bound!r} is not a min-norm attack")
             p = 2.0 if self.norm == "L2" else math.inf
             require(p in est.norms, f"robustness.bound {self.bound!r} does not support the {self.norm} norm")
+            from marginlab.estimators.base import validate_params
+
+            validate_params(self.bound, self.bound_params, "robustness.bound_params")
 
     def eps_for(self, reference: float) -> list[float]:
         """The radii evaluated for a base: the reference eps and the sweep (rounded to 6 digits)."""
