@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MarginlabError as e:
         print(f"marginlab: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `marginlab data | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Terminated:
         print("marginlab: terminated (SIGTERM); finished work is kept, --resume continues", file=sys.stderr)
         return 143

@@ -6,9 +6,17 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="list datasets, check their sources, download official files")
-    p.add_argument("action", choices=["list", "check", "download"], help="what to do")
-    p.add_argument("datasets", nargs="*", metavar="SPEC", help="dataset specs (default: all)")
+    p = sub.add_parser(
+        "data",
+        help="list datasets, check their sources, download official files",
+        description="List the datasets (the default), check where each split is read from, or download "
+        "the official files. Example: marginlab data check mnist fashion-mnist",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "action", nargs="?", default="list", choices=["list", "check", "download"], help="what to do"
+    )
+    p.add_argument("datasets", nargs="*", metavar="SPEC", help="dataset specs (all when none is given)")
     p.add_argument("--data-dir", help="data directory (default: $MARGINLAB_DATA or ~/.marginlab/data)")
     p.set_defaults(func=main)
 
