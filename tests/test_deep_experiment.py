@@ -119,7 +119,7 @@ def test_presets_are_valid(path):
     )
     assert cfg.lr in (0.01, 0.005)  # the reference rates (0.005: the reference's standard CIFAR-CNN)
     if path.stem.endswith("full"):
-        reference_epochs = 1000 if cfg.model.name.endswith("-lr") else 200  # DESIGN.md §2: 1000 for linear
+        reference_epochs = 1000 if cfg.model.name.endswith("-lr") else 200  # 1000 for linear models
         assert cfg.train.epochs == reference_epochs
         assert cfg.data.n_train is None and cfg.tracking.n_test == "all"
 

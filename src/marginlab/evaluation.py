@@ -9,7 +9,7 @@ Used by ``marginlab robustness``, ``marginlab margins`` and the ``compare`` expe
     margins = estimate_margins(model, x, y, ["first-order", "ddn", "best"], p=2)   # {name: [N]}
     report = evaluate_robustness(model, x, y, [0.5, 1.0, 2.0], norm="L2", bound="ddn")
 
-How :func:`evaluate_robustness` spends its attacks (DESIGN.md §2): one minimum-norm pass (``bound``)
+How :func:`evaluate_robustness` spends its attacks (docs/reference-settings.md): one min-norm pass (``bound``)
 gives each point an upper bound on its margin; the *first* attack (PGD by default) then runs on every
 clean-correct point, so its robust accuracy is its own figure (comparable with the reference's); each
 later attack (AutoAttack) runs only on the points that neither the bound nor an earlier attack broke.

@@ -4,7 +4,7 @@ Every model is a :class:`MarginNet`: ``forward(x) = head(phi(x))`` with ``phi: [
 and ``head: nn.Linear(F, K)``. The regularizers need Φ and the last layer; the Lipschitz bound needs
 the layer list. Architectures follow the authors' released code (watml/rob-margin, ``Model.py``):
 3x3 convolutions with padding 0, 2x2 max-pooling after every second convolution, ReLU. One
-difference: the released MLPs use softplus, DESIGN.md §2 says ReLU; ReLU is the default here and
+difference: the released MLPs use softplus, docs/reference-settings.md says ReLU; ReLU is the default here and
 ``activation="softplus"`` gives the released variant.
 """
 

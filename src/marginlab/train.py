@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """SGD settings; the defaults are the reference's (DESIGN.md §2) except ``epochs``.
+    """SGD settings; the defaults are the reference's (docs/reference-settings.md) except ``epochs``.
 
     ``lr = None`` takes the reference rate of the regularizer recipe (0.01 standard, 0.002 regularized).
     ``device``: ``"auto"`` picks CUDA when available. ``tensorboard`` also writes event files (needs the

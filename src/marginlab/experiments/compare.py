@@ -32,7 +32,7 @@ from marginlab.runs import ROBUSTNESS, WEIGHTS, RunDir, subrun_dir
 log = logging.getLogger(__name__)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"  # the project's presets (source checkout)
-# Reference L2 radii (DESIGN.md §2). MNIST-LR has none in the reference; 1.0 (as the MNIST-MLP) is ours.
+# Reference L2 radii (docs/reference-settings.md); MNIST-LR has none in the reference: 1.0 is ours.
 REFERENCE_EPS = {"mnist-lr": 1.0, "mnist-mlp": 1.0, "mnist-cnn": 2.0, "cifar-cnn": 0.4}
 # Regularizer keys that only make sense for recipes with that term (a base may set them once for all).
 _TERM_OF_KEY = {
@@ -96,7 +96,7 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class RobustnessConfig:
-    """How every trained model is attacked (DESIGN.md §2). ``n`` test points drawn with ``seed``;
+    """How every trained model is attacked (docs/reference-settings.md): ``n`` test points, ``seed``;
     ``sweep``: radii as multiples of each base's reference eps; ``autoattack_at``: AutoAttack at the
     reference eps only (cheaper) or at every radius. ``bound``: the min-norm pre-pass (``"none"``: none),
     with ``bound_params`` (e.g. ``{steps = 50}``). PGD: ``steps`` of ``step_size`` (the reference: 1000 of

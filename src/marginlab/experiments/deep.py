@@ -9,7 +9,7 @@ and the mean margin fell, and where it did not. The comparison experiment reuses
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,9 @@ from marginlab.config import check_positive
 from marginlab.distributed import init_distributed
 from marginlab.fsio import atomic_torch_save
 from marginlab.regularizers import RegularizerConfig
-from marginlab.runs import RunDir
+from marginlab.runs import WEIGHTS, RunDir
 from marginlab.tracking import TrackingConfig
 from marginlab.train import TrainConfig
-
-WEIGHTS = "model.pt"
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The ``train`` experiment: every section has the reference defaults (DESIGN.md §2)."""
+    """The ``train`` experiment: every section has the reference defaults (docs/reference-settings.md)."""
 
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -89,6 +87,18 @@ class Config:
             if self.train.lr is not None
             else reference_lr(self.regularizer.recipe, self.model.name)
         )
+
+
+def resolve(cfg: Config) -> Config:
+    """``cfg`` with the values it derives filled in, as recorded in ``config.json``: the learning rate
+    of the recipe and the regularizer's reference weights (λ, γ, β) where they were left unset."""
+    from marginlab.regularizers import resolve_config
+
+    return replace(
+        cfg,
+        train=replace(cfg.train, lr=cfg.lr),
+        regularizer=resolve_config(cfg.regularizer, cfg.model.name, cfg.data.dataset),
+    )
 
 
 def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
