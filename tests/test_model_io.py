@@ -5,6 +5,7 @@ gives the same first-order margins as the same model held in memory; every mista
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import logging
@@ -117,6 +118,8 @@ def test_python_file_with_options(net_file, data, tmp_path):
     rec = summary["loaded_model"]
     assert rec["kind"] == "python" and rec["options"] == {"width": 4, "mean": 0.3, "std": 0.2}
     assert rec["weights"] == str(tmp_path / "w.pt") and len(rec["weights_sha256"]) == 64
+    assert rec["model_sha256"] == hashlib.sha256(net_file.read_bytes()).hexdigest()
+    assert rec["parameters"] == sum(p.numel() for p in ref.parameters())
     assert rec["mapping"] is None and rec["preprocess"] is None
 
 
@@ -180,7 +183,9 @@ def test_torchscript_archive(net_file, data, tmp_path, how):
     saved.save(str(tmp_path / "model.bin"))  # recognised by its content, not its suffix
     got, summary = _cli_margins(tmp_path, "--model", str(tmp_path / "model.bin"))
     np.testing.assert_allclose(got, _first_order(ref, data), rtol=1e-6)
-    assert summary["loaded_model"]["kind"] == "torchscript" and summary["loaded_model"]["weights"] is None
+    rec = summary["loaded_model"]
+    assert rec["kind"] == "torchscript" and rec["weights"] is None
+    assert rec["model_sha256"] == hashlib.sha256((tmp_path / "model.bin").read_bytes()).hexdigest()
 
 
 def test_onnx_file(net_file, data, tmp_path):

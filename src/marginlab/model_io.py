@@ -305,8 +305,9 @@ def load_model(
     the factory returns it) and TorchScript / ONNX files (they hold their weights; a state_dict given
     as well replaces them). Non-finite weights, outputs that are not ``[N, num_classes]`` logits, and
     every mismatch raise :class:`ConfigError` (one line). ``record`` (JSON-able): ``spec``, ``kind``,
-    ``options``, ``weights`` and its ``weights_sha256``, how the weights were matched
-    (:class:`marginlab.weights.LoadedWeights`), ``preprocess`` and the ``parameters`` count.
+    ``options``, ``model_sha256`` (of a model or code file), ``weights`` and its ``weights_sha256``, how
+    the weights were matched (:class:`marginlab.weights.LoadedWeights`), ``preprocess`` and the
+    ``parameters`` count.
     """
     from marginlab.weights import load_weights
 
@@ -325,6 +326,8 @@ def load_model(
     else:
         model = load_saved(ms)
     record: dict[str, Any] = {"spec": spec, "kind": ms.kind, "options": dict(options or {}), "weights": None}
+    is_file = ms.kind in ("torchscript", "onnx") or ms.source.endswith(".py")
+    record["model_sha256"] = _sha256(Path(ms.source)) if is_file else None  # which code / archive ran
     if weights is not None:
         loaded = load_weights(model, weights, key_map=key_map)
         record |= asdict(loaded) | {"weights": str(weights), "weights_sha256": _sha256(Path(weights))}
@@ -338,7 +341,7 @@ def load_model(
         norm = Normalize(preprocess["mean"], preprocess["std"])
         model = nn.Sequential(OrderedDict(normalize=norm, model=model))
     record["preprocess"] = preprocess
-    record["parameters"] = sum(t.numel() for t in model.state_dict().values())
+    record["parameters"] = sum(t.numel() for t in model.parameters())
     model.eval()
     check_forward(model, input_shape, num_classes, f"model {spec!r}")
     log.info("loaded model %s (%s, %d parameters) with weights %s", spec, ms.kind, record["parameters"],
