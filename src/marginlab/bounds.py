@@ -1,4 +1,4 @@
-"""Linear bound propagation (CROWN / DeepPoly-style) and interval bounds for ReLU networks.
+"""Linear bound propagation (CROWN / DeepPoly-style) and interval bounds for ReLU networks (CPU, float64).
 
 A network is turned into a list of operations on one sample's tensor (shapes without the batch):
 affine maps (``Dense``, ``Conv``, ``Scale`` for a per-channel ``(x - mean) / std``, ``Reshape``), ``ReLU``
@@ -170,8 +170,8 @@ class Affine(Op):
 
 class Dense(Affine):
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
-        self.w = weight.detach().double()
-        self.bias = bias.detach().double() if bias is not None else torch.zeros(len(self.w)).double()
+        self.w = weight.detach().cpu().double()
+        self.bias = bias.detach().cpu().double() if bias is not None else torch.zeros(len(self.w)).double()
         self.in_shape, self.out_shape = (self.w.shape[1],), (self.w.shape[0],)
 
     def lin(self, x: Tensor) -> Tensor:
@@ -191,10 +191,10 @@ class Conv(Affine):
     """A 2-D convolution (also average pooling, as a depthwise convolution with constant weights)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, in_shape: Shape, **kw: object) -> None:
-        self.w, self.kw, self.in_shape = weight.detach().double(), kw, in_shape
+        self.w, self.kw, self.in_shape = weight.detach().cpu().double(), kw, in_shape
         out = F.conv2d(torch.zeros(1, *in_shape, dtype=torch.float64), self.w, **kw)  # type: ignore[arg-type]
         self.out_shape = tuple(out.shape[1:])
-        b = bias.detach().double() if bias is not None else torch.zeros(len(self.w)).double()
+        b = bias.detach().cpu().double() if bias is not None else torch.zeros(len(self.w)).double()
         self.bias = b[:, None, None].expand(self.out_shape).contiguous()
 
     def lin(self, x: Tensor) -> Tensor:
@@ -322,7 +322,7 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 def _normalize_op(module: nn.Module, shape: Shape) -> Scale:
     """A module with ``mean`` and ``std`` tensors computing ``(x - mean) / std`` (checked on a sample)."""
-    mean, std = (torch.as_tensor(getattr(module, k)).detach().double() for k in ("mean", "std"))
+    mean, std = (torch.as_tensor(getattr(module, k)).detach().cpu().double() for k in ("mean", "std"))
     if len(shape) == 3 and mean.numel() in (1, shape[0]):  # per channel (one value: every channel)
         mean, std = mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
     op = Scale(1.0 / std, -mean / std, shape)
