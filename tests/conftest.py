@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
 
 # A tiny `train` config on scikit-learn's 8x8 digits: seconds to run, every section explicit.
 TINY_TRAIN = """\
@@ -48,8 +51,11 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def one_line_error(code: int, err: str) -> str:
-    """Assert the user-error contract (exit 2, one ``marginlab: error:`` line, no traceback); return it."""
-    lines = err.strip().splitlines()
+    """Assert the user-error contract (exit 2, one ``marginlab: error:`` line, no traceback); return it.
+
+    Progress log lines (``HH:MM:SS LEVEL name: ...``, one per epoch when stderr is not a terminal) may
+    precede it: they are the run's progress, not part of the error."""
+    lines = [line for line in err.strip().splitlines() if not _LOG_LINE.match(line)]
     assert code == 2, (code, err)
     assert len(lines) == 1, err
     assert lines[0].startswith("marginlab: error: ") and "Traceback" not in err, err
@@ -78,3 +84,10 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def margin_values(*args, **kwargs) -> dict[str, torch.Tensor]:
+    """``estimate_margins`` reduced to ``{name: values [N]}``, for tests that compare numbers only."""
+    from marginlab.estimators import estimate_margins
+
+    return {name: r.values for name, r in estimate_margins(*args, **kwargs).items()}

@@ -13,10 +13,10 @@ import pytest
 
 from marginlab.config import load_config
 from marginlab.errors import ConfigError
-from marginlab.evaluation import margin_upper_from_json, paired_difference
 from marginlab.experiments.compare import BaseConfig, merge_overrides, subrun_config, subrun_dir
-from marginlab.experiments.compare_tables import _finding, _versus
+from marginlab.experiments.compare_tables import _finding, _versus, paired_difference
 from marginlab.fsio import read_json
+from marginlab.robustness.evaluate import margin_upper_from_points
 from marginlab.runner import build_config, resume_experiment, run_experiment
 from marginlab.runs import read_config, read_summary
 
@@ -82,7 +82,7 @@ def test_table_matches_the_subrun_files(run_dir):
         assert float(row["test_mean_margin"]) == pytest.approx(last["mean"])
         assert float(row["test_min_margin"]) == pytest.approx(last["min"])
         correct = np.asarray(rob["points"]["correct"])
-        upper = margin_upper_from_json(rob["points"])
+        upper = margin_upper_from_points(rob["points"])
         robust = np.asarray(rob["points"]["robust"])
         assert rob["eps"] == [0.5, 1.0] and float(row["eps_ref"]) == 1.0
         assert float(row["bound@ref"]) == pytest.approx(np.mean(correct & (upper > 1.0)))
@@ -209,7 +209,7 @@ def test_merge_overrides():
         ({"bases": [{"name": "x", "config": {**TRAIN, "kind": "logreg-gd"}, "eps": 1.0}]}, "kind"),
         ({"robustness": {"attacks": ["pgd", "cw"]}}, "attack"),
         ({"robustness": {"surprise": 1}}, "surprise"),
-        ({"robustness": {"bound": "first-order"}}, "min-norm"),
+        ({"robustness": {"bound": "first-order"}}, "minimum-norm"),
         ({"robustness": {"norm": "Linf", "bound": "ddn"}}, "Linf"),
     ],
 )

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from conftest import margin_values
 from marginlab.errors import ConfigError
-from marginlab.estimators import estimate_margins
 from marginlab.estimators.lipschitz import conv_power_iteration, conv_spectral_bound, feature_lipschitz
 from marginlab.models import build_model
 
@@ -66,7 +66,7 @@ def test_lower_bound_never_exceeds_any_attack_on_a_trained_mlp(trained_mlp, digi
     x, y = _eval_points(digits, 40)
     names = ["lipschitz", "first-order", "sampling", *ATTACKS, "best"]
     params = {"sampling": {"n_batches": 2, "n_samples": 64}, "fab": {"n_iter": 30}}
-    out = estimate_margins(trained_mlp, x, y, names, params=params)
+    out = margin_values(trained_mlp, x, y, names, params=params)
     _check_order(out, trained_mlp, x, y)
     # The sampled maxima only see points inside the ball, so sampling >= the global Lipschitz bound.
     assert (out["sampling"].abs() >= out["lipschitz"].abs() * (1 - 1e-6)).all()
@@ -79,7 +79,7 @@ def test_lower_bound_never_exceeds_any_attack_on_a_small_cnn(digits) -> None:
     _train(cnn, x[:600], y[:600], epochs=8)
     xe, ye = _eval_points(digits, 24)
     names = ["lipschitz", "first-order", "deepfool", "ddn", "fmn", "fab", "best"]
-    out = estimate_margins(cnn, xe, ye, names, params={"fab": {"n_iter": 30}})
+    out = margin_values(cnn, xe, ye, names, params={"fab": {"n_iter": 30}})
     _check_order(out, cnn, xe, ye)
 
 
@@ -120,8 +120,6 @@ def test_lipschitz_rejects_layers_it_cannot_bound(digits) -> None:
     x, y = digits
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 10)).eval()
     with pytest.raises(ConfigError, match="cannot bound layer BatchNorm1d"):
-        estimate_margins(model, x[:4], y[:4], ["lipschitz"])
+        margin_values(model, x[:4], y[:4], ["lipschitz"])
     with pytest.raises(ConfigError, match="nn.Sequential ending in nn.Linear"):
-        estimate_margins(
-            nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.ReLU()), x[:4], y[:4], ["lipschitz"]
-        )
+        margin_values(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.ReLU()), x[:4], y[:4], ["lipschitz"])

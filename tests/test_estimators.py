@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from conftest import margin_values
 from marginlab.errors import ConfigError
-from marginlab.estimators import ESTIMATORS, MarginKind, build_estimator, estimate_margins
+from marginlab.estimators import ESTIMATORS, MarginKind, build_estimator
 from marginlab.models import build_model
 
 SHAPE = (1, 6, 6)
@@ -107,10 +108,10 @@ def test_attacks_measure_the_distance_into_the_true_class_for_misclassified_poin
 
 def test_best_is_the_per_point_tightest_attack(linear4) -> None:
     model, x, y = linear4
-    out = estimate_margins(model, x, y, ["deepfool", "fmn", "best", "lipschitz"])
+    out = margin_values(model, x, y, ["deepfool", "fmn", "best", "lipschitz"])
     assert list(out) == ["deepfool", "fmn", "best", "lipschitz"]
     torch.testing.assert_close(out["best"], torch.minimum(out["deepfool"], out["fmn"]))
-    alone = estimate_margins(model, x, y, ["best"], params={"best": {"attacks": ["deepfool"]}})
+    alone = margin_values(model, x, y, ["best"], params={"best": {"attacks": ["deepfool"]}})
     torch.testing.assert_close(alone["best"], out["deepfool"])
 
 
@@ -126,6 +127,8 @@ def test_kinds_and_registry() -> None:
         "fmn": MarginKind.UPPER,
         "fab": MarginKind.UPPER,
         "best": MarginKind.UPPER,
+        "crown": MarginKind.LOWER,
+        "mip": MarginKind.EXACT,
     }
     assert MarginKind("lower bound") is MarginKind.LOWER and MarginKind.UPPER == "upper bound"
 
@@ -159,9 +162,9 @@ def test_batching_train_mode_and_gradients_are_left_alone(linear4) -> None:
         (lambda m, x, y: build_estimator("first-order")(m, x, y[:-1]), "labels"),
         (lambda m, x, y: build_estimator("first-order")(m, x, y + 10), r"labels must lie in \[0, 3\]"),
         (lambda m, x, y: build_estimator("deepfool")(m, x * 3, y), r"inputs in \[0, 1\]"),
-        (lambda m, x, y: estimate_margins(m, x, y, ["first-order"], params={"ddn": {}}), "not among"),
+        (lambda m, x, y: margin_values(m, x, y, ["first-order"], params={"ddn": {}}), "not among"),
         (
-            lambda m, x, y: estimate_margins(m, x, y, ["best"], params={"best": {"attacks": ["lipschitz"]}}),
+            lambda m, x, y: margin_values(m, x, y, ["best"], params={"best": {"attacks": ["lipschitz"]}}),
             "attacks",
         ),
     ],

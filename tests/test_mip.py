@@ -13,7 +13,7 @@ from torch import nn
 
 from marginlab.cli import main
 from marginlab.errors import ConfigError
-from marginlab.estimators import build_estimator, estimate_margins
+from marginlab.estimators import build_estimator, combine_upper_bounds
 from marginlab.estimators.mip import VERIFY_TOL, _blocks, _float64_copy, _Setup, require_scip, solve_point
 from marginlab.linear import linear_margins
 from marginlab.models import build_model
@@ -97,8 +97,9 @@ def _small_net(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def test_crown_below_exact_below_every_attack_on_small_relu_nets(seed: int, p: float, domain: str) -> None:
     model, x, y = _small_net(seed)
     attacks = ["deepfool", "ddn"] if p == 2.0 else ["deepfool", "fmn"]
-    params = {"crown": {"domain": domain}, "best": {"attacks": attacks}}
-    out = estimate_margins(model, x, y, ["crown", *attacks, "best"], p=p, params=params)
+    out = {a: build_estimator(a)(model, x, y, p=p) for a in attacks}
+    out["best"] = combine_upper_bounds([out[a] for a in attacks])
+    out["crown"] = build_estimator("crown", domain=domain)(model, x, y, p=p)
     mip = build_estimator("mip", domain=domain, time_limit=30)
     exact = mip(model, x, y, p=p)
     _check_perturbations(mip, model, x, y, p, box=domain == "box")
@@ -139,7 +140,7 @@ def test_missing_solver_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPat
 
 
 def test_bracket_command_writes_table_summary_and_figure(tmp_path, capsys) -> None:
-    """``marginlab margins --estimator bracket,mip``: crown <= mip <= best, quantiles of the ratio."""
+    """``marginlab margins --estimators bracket,mip``: crown <= mip <= best, quantiles of the ratio."""
     torch.manual_seed(0)
     model = build_model("mlp", input_shape=(1, 8, 8), widths=(8, 8))
     d = load_digits()
@@ -151,24 +152,24 @@ def test_bracket_command_writes_table_summary_and_figure(tmp_path, capsys) -> No
         opt.step()
     weights = tmp_path / "w.pt"
     torch.save(model.state_dict(), weights)
-    out = tmp_path / "b.csv"
+    out = tmp_path / "b"
     argv = ["margins", "--model", "mlp", "--option", "widths=[8,8]", "--weights", str(weights), "--data"]
-    argv += ["digits", "--n", "6", "--p", "inf", "--estimator", "bracket,mip", "--out", str(out)]
+    argv += ["digits", "--n", "6", "--norm", "inf", "--estimators", "bracket,mip", "--out", str(out)]
     assert main([*argv, "--param", "bracket.time_limit=20"]) == 0
-    rows = list(csv.DictReader(out.open()))
+    rows = list(csv.DictReader((out / "margins.csv").open()))
     assert len(rows) == 6
     for row in rows:
         lower, upper, exact = (abs(float(row[k])) for k in ("crown", "best", "mip"))
         assert row["mip_status"] == "exact"
         assert lower <= exact * (1 + 1e-6) and exact <= upper * (1 + 1e-6)
         assert math.isclose(float(row["ratio"]), upper / lower, rel_tol=1e-9)
-    summary = json.loads((tmp_path / "b.summary.json").read_text())["bracket"]
+    summary = json.loads((out / "summary.json").read_text())["bracket"]
     ratios = sorted(float(r["ratio"]) for r in rows)
     assert math.isclose(summary["ratio_median"], (ratios[2] + ratios[3]) / 2, rel_tol=1e-9)
     assert summary["exact_solved"] == 6 and summary["ratio_p90"] >= summary["ratio_median"] >= 1
-    assert (tmp_path / "b.bracket.png").stat().st_size > 1000
+    assert (out / "bracket.png").stat().st_size > 1000
     assert "bracket ratio" in capsys.readouterr().out
-    assert main([*argv[:-4], "--estimator", "bracket,first-order", "--out", str(out)]) == 2
+    assert main([*argv[:-4], "--estimators", "bracket,first-order", "--out", str(out)]) == 2
     assert "bracket combines with mip only" in capsys.readouterr().err
     for bad in ("bracket.steps=3", "bracket.time_limit=-1", "bracket.domain=sphere"):
         assert main([*argv, "--param", bad]) == 2

@@ -21,9 +21,9 @@ from torch import nn
 
 from marginlab import model_io
 from marginlab.cli import main
+from marginlab.data import load_points as load_eval_data
 from marginlab.errors import ConfigError
 from marginlab.estimators import estimate_margins
-from marginlab.evaluation import load_eval_data
 from marginlab.models import build_model, check_options, load_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -73,11 +73,11 @@ def data():
 
 
 def _first_order(model: nn.Module, data) -> np.ndarray:
-    return estimate_margins(model.eval(), data.x, data.y, ["first-order"])["first-order"].numpy()
+    return estimate_margins(model.eval(), data.x, data.y, ["first-order"])["first-order"].values.numpy()
 
 
 def _cli_margins(tmp_path: Path, *args: str) -> tuple[np.ndarray, dict]:
-    out = tmp_path / "m.csv"
+    out = tmp_path / "m"
     argv = [
         "margins",
         *args,
@@ -85,20 +85,31 @@ def _cli_margins(tmp_path: Path, *args: str) -> tuple[np.ndarray, dict]:
         "digits",
         "--n",
         str(N),
-        "--estimator",
+        "--estimators",
         "first-order",
         "--out",
         str(out),
     ]
     assert main(argv) == 0
-    with open(out) as f:
+    with open(out / "margins.csv") as f:
         values = np.array([float(r["first-order"]) for r in csv.DictReader(f)])
-    return values, json.loads((tmp_path / "m.summary.json").read_text())
+    return values, json.loads((out / "summary.json").read_text())
 
 
 def _cli_error(tmp_path: Path, capsys, *args: str) -> str:
-    out = tmp_path / "err.csv"
-    argv = ["margins", *args, "--data", "digits", "--n", "5", "--estimator", "first-order", "--out", str(out)]
+    out = tmp_path / "err"
+    argv = [
+        "margins",
+        *args,
+        "--data",
+        "digits",
+        "--n",
+        "5",
+        "--estimators",
+        "first-order",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("marginlab: error:") and err.count("\n") == 1 and "Traceback" not in err

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_train_toml, write_text
+from conftest import margin_values, tiny_train_toml, write_text
 from marginlab.cli import main
 from marginlab.config import from_dict
 from marginlab.errors import ConfigError
-from marginlab.estimators import build_estimator, estimate_margins
+from marginlab.estimators import build_estimator
 from marginlab.estimators.base import validate_params
 from marginlab.models import build_model
-from marginlab.robustness.attacks import AttackSettings
+from marginlab.robustness.attacks import RobustnessSettings
 from marginlab.seed import MAX_SEED, check_seed, seed_everything
 from marginlab.tracking import TrackingConfig
 
@@ -89,8 +89,8 @@ BAD_PARAMS = [
 def test_margins_rejects_bad_estimator_params(weights, tmp_path, capsys, param, needle):
     est = param.partition(".")[0]
     names = "first-order,ddn" if param == "fmn.steps=3" else f"first-order,{est}"
-    out = tmp_path / "m.csv"
-    argv = ["margins", *_model_args(weights), "--estimator", names, "--param", param, "--out", str(out)]
+    out = tmp_path / "m"
+    argv = ["margins", *_model_args(weights), "--estimators", names, "--param", param, "--out", str(out)]
     assert needle in _fails(argv, capsys)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the summary
 
@@ -119,9 +119,9 @@ ROBUSTNESS_FLAGS = [
     ids=lambda v: " ".join(v)[:24] if isinstance(v, list) else v,
 )
 def test_commands_reject_out_of_range_flags(weights, tmp_path, capsys, command, flags, needle):
-    out = tmp_path / ("rob" if command == "robustness" else "m.csv")
+    out = tmp_path / ("rob" if command == "robustness" else "m")
     extra = ["--eps", "0.5", "--attacks", "pgd", "--steps", "2", "--bound", "none"]
-    extra = extra if command == "robustness" else ["--estimator", "first-order"]
+    extra = extra if command == "robustness" else ["--estimators", "first-order"]
     argv = [command, *_model_args(weights), *extra, *flags, "--out", str(out)]
     assert needle in _fails(argv, capsys)
     assert list(tmp_path.iterdir()) == []
@@ -182,10 +182,10 @@ def test_estimate_margins_checks_every_param_before_running_any_estimator():
     model.register_forward_hook(lambda *_: calls.append(1))
     x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
     with pytest.raises(ConfigError, match=r"ddn\.steps"):
-        estimate_margins(model, x, y, ["first-order", "ddn"], params={"ddn": {"steps": -1}})
+        margin_values(model, x, y, ["first-order", "ddn"], params={"ddn": {"steps": -1}})
     assert calls == []  # first-order did not run first
     # a single attack name where a list is expected is one attack, not a list of characters
-    got = estimate_margins(model, x, y, ["ddn", "best"], params={"best": {"attacks": "ddn"}})
+    got = margin_values(model, x, y, ["ddn", "best"], params={"best": {"attacks": "ddn"}})
     assert torch.equal(got["best"], got["ddn"])
 
 
@@ -195,8 +195,8 @@ def test_attack_settings_ranges():
                   ("aa_iters", 0)]  # fmt: skip
     for key, value in bad_values:
         with pytest.raises(ConfigError, match=key):
-            AttackSettings(**{key: value})
-    assert AttackSettings(steps=3, step_size=0.5, seed=MAX_SEED).steps == 3
+            RobustnessSettings(**{key: value})
+    assert RobustnessSettings(steps=3, step_size=0.5, seed=MAX_SEED).steps == 3
 
 
 def test_seed_range_is_what_torch_and_numpy_accept():

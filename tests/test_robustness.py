@@ -13,7 +13,7 @@ from marginlab.errors import ConfigError
 from marginlab.fsio import to_jsonable
 from marginlab.models import build_model
 from marginlab.robustness import RobustnessResult, plot_robustness, robust_accuracy, robustness_curve
-from marginlab.robustness.attacks import AttackSettings, _fit_to_problem
+from marginlab.robustness.attacks import RobustnessSettings, _fit_to_problem
 from marginlab.robustness.evaluate import _verify
 
 EPS = [0.05, 0.1, 0.2]
@@ -50,7 +50,7 @@ def exact_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dual: floa
 
 def assert_matches_margins(res: RobustnessResult, margins: torch.Tensor, tol: float = 0.03) -> None:
     for j, e in enumerate(res.eps):
-        flags = torch.tensor(res.robust[j])
+        flags = torch.tensor(res.points["robust"][j])
         clear = (margins - e).abs() > tol * e  # points right at ε may go either way
         assert clear.sum() > 0.8 * len(margins)
         assert torch.equal(flags[clear], (margins > e)[clear]), f"eps={e}"
@@ -87,15 +87,15 @@ def test_margin_bounds_skip_points_and_cap_accuracy() -> None:
     model, x, y = linear_problem()
     margins = exact_margins(model, x, y, 2.0)
     kw = {"attacks": ("pgd",), "steps": 50, "step_size": 0.01}
-    full = robust_accuracy(model, x, y, EPS, **kw)
+    full = robust_accuracy(model, x, y, EPS, bound=None, **kw)
     cheap = robust_accuracy(model, x, y, EPS, margin_upper=margins, **kw)
     assert cheap.stages == ["bound", "pgd"]
-    want = [((margins > e) & torch.tensor(full.clean_correct)).float().mean().item() for e in EPS]
+    want = [((margins > e) & torch.tensor(full.points["correct"])).float().mean().item() for e in EPS]
     assert cheap.bound_share == pytest.approx(want)
     assert all(a <= s + 1e-12 for a, s in zip(cheap.worst_case, cheap.bound_share, strict=True))
     assert cheap.worst_case == pytest.approx(full.worst_case, abs=2 / 60)
     # PGD ran only on the points the bound left robust; chaining shrinks the work at each larger ε
-    assert cheap.attacked["pgd"] == [round(a * 60) for a in cheap.robust_accuracy["bound"]]
+    assert cheap.attacked["pgd"] == [round(a * 60) for a in cheap.accuracy["bound"]]
     assert (
         sum(cheap.attacked["pgd"])
         < sum(full.attacked["pgd"])
@@ -103,23 +103,13 @@ def test_margin_bounds_skip_points_and_cap_accuracy() -> None:
     )
 
 
-def test_bound_check_fires_when_the_attack_misses_broken_points() -> None:
-    model, x, y = linear_problem()
-    margins = exact_margins(model, x, y, 2.0)
-    res = robust_accuracy(
-        model, x, y, EPS, attacks=("pgd",), steps=1, step_size=1e-4, random_start=False, margin_upper=margins,
-        skip_bound_broken=False,
-    )  # fmt: skip
-    assert any("above the" in w and "margin upper bound" in w for w in res.warnings)
-
-
 def test_disagreement_check_fires_when_pgd_is_weak() -> None:
     model, x, y = linear_problem()
     res = robust_accuracy(
         model, x, y, [0.2], steps=1, step_size=1e-4, random_start=False, aa_version="custom",
-        aa_attacks=["apgd-ce"], aa_iters=20,
+        aa_attacks=["apgd-ce"], aa_iters=20, bound=None,
     )  # fmt: skip
-    assert res.robust_accuracy["pgd"][0] > res.robust_accuracy["autoattack"][0] + 0.02
+    assert res.accuracy["pgd"][0] > res.accuracy["autoattack"][0] + 0.02
     assert any(w.startswith("autoattack broke") and "pgd alone overstates" in w for w in res.warnings)
 
 
@@ -135,7 +125,7 @@ def test_proposals_outside_the_ball_or_box_or_still_correct_are_rejected() -> No
         ).argmin()
     )
     step = (w[k] - w[y[i]]).reshape(SHAPE) / (w[k] - w[y[i]]).norm()  # the shortest way to class k
-    s = AttackSettings(norm="L2")
+    s = RobustnessSettings(norm="L2")
     xi, yi = x[i : i + 1], y[i : i + 1]
     r = margins[i].item()
     assert _verify(model, xi, (xi + 1.01 * r * step).clamp(0, 1), yi, 1.02 * r, s).item()
@@ -165,10 +155,36 @@ def test_train_mode_is_flagged_evaluated_in_eval_and_restored() -> None:
     assert res.worst_case == ref.worst_case  # dropout was off during the evaluation
 
 
-def test_softmax_outputs_are_flagged() -> None:
+def test_softmax_outputs_are_refused_by_both_entry_points() -> None:
+    """A softmax model would give ~10x too small margins and saturated attacks: refused, in both APIs."""
+    from marginlab.estimators import estimate_margins
+
     model, x, y = linear_problem(n=20)
-    res = robust_accuracy(nn.Sequential(model, nn.Softmax(dim=1)), x, y, [0.1], attacks=("pgd",), steps=5)
-    assert any("look like probabilities" in w for w in res.warnings)
+    probs = nn.Sequential(model, nn.Softmax(dim=1))
+    with pytest.raises(ConfigError, match="outputs probabilities"):
+        robust_accuracy(probs, x, y, [0.1], attacks=("pgd",), steps=5)
+    with pytest.raises(ConfigError, match="outputs probabilities"):
+        estimate_margins(probs, x, y, ["first-order"])
+
+
+def test_both_entry_points_accept_numpy_grey_images_and_a_scalar_eps() -> None:
+    from marginlab.estimators import estimate_margins
+
+    model, x, y = linear_problem(n=20)
+    ref = estimate_margins(model, x, y, ["first-order"])["first-order"]
+    got = estimate_margins(model, x.numpy()[:, 0], y.numpy(), ["first-order"])["first-order"]
+    assert torch.equal(ref.values, got.values) and ref.kind == "estimate" and got.seconds >= 0
+    res = robust_accuracy(model, x.numpy(), y.numpy(), 0.1, attacks=("pgd",), steps=5)
+    assert res.eps == [0.1]
+    for bad, match in [
+        (x.flatten(1), "flattened"),
+        ((x * 255).to(torch.uint8), "floats in"),
+        (x * 3, "[0, 1]"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            estimate_margins(model, bad, y, ["first-order"])
+        with pytest.raises(ConfigError, match=match):
+            robust_accuracy(model, bad, y, [0.1], attacks=("pgd",))
 
 
 class Quantized(nn.Module):
@@ -223,8 +239,8 @@ def test_result_json_roundtrip_and_plot() -> None:
     res = robust_accuracy(model, x, y, [0.0, 0.1], attacks=("pgd",), steps=10, margin_upper=margins)
     assert res.worst_case[0] == res.clean_accuracy and res.attacked["pgd"][0] == 0  # nothing to do at ε = 0
     back = RobustnessResult.from_dict(json.loads(json.dumps(to_jsonable(res))))
-    assert back.worst_case == res.worst_case and back.robust == res.robust
-    assert back.accuracy(0.1, "pgd") == res.robust_accuracy["pgd"][1]
+    assert back.worst_case == res.worst_case and back.points == to_jsonable(res.points)
+    assert back.at(0.1, "pgd") == res.accuracy["pgd"][1]
     fig = plot_robustness({"exact": margins.numpy()}, res, title="linear")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -271,7 +287,9 @@ def test_cnn_runs_both_attacks_in_linf_and_results_are_monotone() -> None:
         aa_attacks=["apgd-ce", "apgd-t"], aa_iters=10,
     )  # fmt: skip
     assert res.norm == "Linf" and res.clean_accuracy == 1.0
-    pgd, worst = res.robust_accuracy["pgd"], res.worst_case
+    pgd, worst = res.accuracy["pgd"], res.worst_case
     assert all(w <= p for w, p in zip(worst, pgd, strict=True))
     assert worst == sorted(worst, reverse=True) and worst[-1] < 1.0
-    assert res.attacked["pgd"][1:] == [round(w * 12) for w in worst[:-1]]  # later ε start from survivors
+    # PGD runs only on the bound's survivors, and each ε starts from the previous ε's survivors
+    assert res.attacked["pgd"] == [round(a * 12) for a in res.accuracy["bound"]]
+    assert res.attacked["bound"][1:] == [round(w * 12) for w in worst[:-1]]

@@ -1,14 +1,14 @@
 """Margin brackets: per point, a certified lower bound (``crown``), the best attack's upper bound (``best``)
 and, where requested and solved, the exact margin (``mip``), all in one domain.
 
-    marginlab margins --model mnist-mlp --weights model.pt --data mnist --estimator bracket --out b.csv
-    marginlab margins ... --estimator bracket,mip --param bracket.time_limit=30 --out b.csv
+    marginlab margins --model mnist-mlp --weights model.pt --data mnist --estimators bracket --out b/
+    marginlab margins ... --estimators bracket,mip --param bracket.time_limit=30 --out b/
 
-writes ``b.csv`` (index, label, prediction, crown, best, ratio, and with ``mip`` the exact margin, its
-status and SCIP's lower end), ``b.summary.json`` (median and 90th-percentile ``ratio``, times) and the
-figure ``b.bracket.png``. ``ratio = |best| / |crown| >= 1`` measures how well the margin is known: the
-true margin lies within that factor of either end. Points whose lower bound is 0 (or whose attack
-failed) have an infinite ratio; they are counted, and the quantiles are taken over every point.
+writes into ``b/``: ``margins.csv`` (index, label, prediction, crown, best, ratio, and with ``mip`` the
+exact margin, its status and SCIP's lower end), ``summary.json`` (median and 90th-percentile ``ratio``,
+times) and the figure ``bracket.png``. ``ratio = |best| / |crown| >= 1`` measures how well the margin
+is known: the true margin lies within that factor of either end. Points whose lower bound is 0 (or
+whose attack failed) have an infinite ratio; they are counted, and the quantiles are taken over every point.
 
 Domain: ``bracket.domain`` (``box``, default, or ``rd``) applies to ``crown`` and ``mip``; the attacks
 search inside the box, so their bounds hold in both domains.
@@ -66,7 +66,7 @@ def compute_bracket(
 ) -> Bracket:
     """Brackets of ``x [N,C,H,W]``, ``y [N]``: crown, best (``attacks``, default DeepFool+DDN for L2,
     DeepFool+FMN for L-inf) and, with ``exact``, the mip estimator with ``time_limit`` s per point."""
-    from marginlab.estimators import build_estimator, estimate_margins
+    from marginlab.estimators import build_estimator, combine_upper_bounds
 
     if attacks is None:
         attacks = ("deepfool", "ddn") if p == 2.0 else ("deepfool", "fmn")
@@ -78,8 +78,9 @@ def compute_bracket(
     lower = crown(model, x, y, p=p)
     seconds["crown"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ups = estimate_margins(model, x, y, [*attacks, "best"], p=p, params={"best": {"attacks": list(attacks)}})
-    upper = ups["best"]
+    upper = combine_upper_bounds(
+        [build_estimator(a, batch_size=batch_size)(model, x, y, p=p) for a in attacks]
+    )
     seconds["best"] = time.perf_counter() - t0
     nan = torch.full_like(lower, math.nan)
     if not exact:
@@ -144,7 +145,7 @@ def plot(b: Bracket, path: str | Path, *, p: float, domain: str) -> Path:
 def _params(items: list[str]) -> dict[str, Any]:
     """``--param bracket.KEY=VALUE`` items -> keyword arguments of :func:`compute_bracket`, checked."""
     from marginlab.bounds import parse_domain
-    from marginlab.commands.robustness import parse_options
+    from marginlab.commands.args import parse_options
 
     out: dict[str, Any] = {}
     for key, value in parse_options(items).items():
@@ -167,17 +168,16 @@ def _params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def bracket_main(args: argparse.Namespace, names: list[str]) -> int:
-    """``marginlab margins --estimator bracket[,mip]``: table, summary JSON and figure beside ``--out``."""
-    from marginlab.commands.margins import _write_table, summary_path
-    from marginlab.commands.robustness import load_from_args
-    from marginlab.estimators import norm_order
+def bracket_main(args: argparse.Namespace, names: list[str], out: Path, p: float) -> int:
+    """``marginlab margins --estimators bracket[,mip] --out DIR``: table, summary JSON and figure."""
+    from marginlab.commands.args import load_from_args
+    from marginlab.commands.margins import table_path, write_table
     from marginlab.fsio import atomic_write_json
+    from marginlab.runs import BRACKET_FIGURE, MARGINS_SUMMARY
 
     extra = sorted(set(names) - {"bracket", "mip"})
     if extra:
-        raise ConfigError(f"--estimator bracket combines with mip only, not {extra[0]!r}")
-    p = norm_order(args.p)
+        raise ConfigError(f"--estimators bracket combines with mip only, not {extra[0]!r}")
     params = _params(args.param)
     loaded = load_from_args(args)
     model, data, index = loaded[0], loaded[1], loaded[2]
@@ -187,21 +187,26 @@ def bracket_main(args: argparse.Namespace, names: list[str]) -> int:
     )
     with torch.no_grad():
         pred = torch.cat([model(xb) for xb in data.x.split(args.batch_size)]).argmax(1)
-    out = Path(args.out)
     columns: dict[str, list[Any]] = {"index": index.tolist(), "label": data.y.tolist()}
     columns |= {"prediction": pred.tolist(), "crown": b.lower.tolist(), "best": b.upper.tolist()}
     columns["ratio"] = b.ratio.tolist()
     if "mip" in names:
         columns |= {"mip": b.exact.tolist(), "mip_status": b.status, "mip_lower": b.exact_lower.tolist()}
-    _write_table(out, columns)
-    figure = out.with_name(out.stem + ".bracket.png")
+    write_table(table_path(out, args.format), columns)
+    figure = out / BRACKET_FIGURE
     plot(b, figure, p=p, domain=domain)
-    info = {"model": args.model, "data": args.data, "split": args.split, "p": str(args.p), "domain": domain}
+    info = {
+        "model": args.model,
+        "data": args.data,
+        "split": args.split,
+        "norm": str(args.norm),
+        "domain": domain,
+    }
     info["kinds"] = {"crown": "lower bound", "best": "upper bound", "mip": "exact"}
     if len(loaded) > 3:  # what was loaded (spec, weights, preprocessing), where the loader reports it
         info["loaded_model"] = loaded[3]
-    atomic_write_json(summary_path(out), {**info, "bracket": summary(b)})
+    atomic_write_json(out / MARGINS_SUMMARY, {**info, "bracket": summary(b)})
     s = summary(b)
     print(f"bracket ratio best/crown: median {s['ratio_median']}  p90 {s['ratio_p90']}  (n={s['n']})")
-    print(f"wrote {out}, {summary_path(out)} and {figure}")
+    print(f"wrote {table_path(out, args.format)}, {out / MARGINS_SUMMARY} and {figure}")
     return 0

@@ -54,6 +54,8 @@ ADV_IMAGES = "adv_images.npz"
 SUBRUNS = "runs"
 TABLE_CSV, TABLE_MD = "table.csv", "table.md"
 SWEEP_MANIFEST, SWEEP_CSV, SWEEP_MD = "sweep.json", "sweep.csv", "sweep.md"
+# what `marginlab margins --out DIR` writes into DIR: the per-point table (.csv/.parquet) and its summary
+MARGINS_TABLE, MARGINS_SUMMARY, BRACKET_FIGURE = "margins", "summary.json", "bracket.png"
 
 # Files whose presence anywhere in a run directory means finished work that must never be deleted.
 _WORK_FILES = (SUMMARY, CHECKPOINT, WEIGHTS, ROBUSTNESS)

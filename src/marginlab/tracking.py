@@ -178,10 +178,11 @@ class MarginTracker:
         xs, ys = x[start:stop].to(self.device), y[start:stop].to(self.device)
         loss, correct = self._loss_correct(model, xs, ys)
         if stop > start:
-            margins = estimate_margins(
+            results = estimate_margins(
                 model, xs, ys, list(self.cfg.estimators), p=self.cfg.p_value,
                 batch_size=self.cfg.batch_size, params=self.cfg.params or None,
             )  # fmt: skip
+            margins = {name: r.values for name, r in results.items()}
         else:  # an empty shard (fewer points than ranks)
             margins = {name: xs.new_zeros(0) for name in self.cfg.estimators}
         loss = self.dist.all_gather_shards(loss.double(), n).cpu()

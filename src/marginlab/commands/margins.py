@@ -1,36 +1,64 @@
 """``marginlab margins``: per-point margins of a trained model by several estimators, and their summary.
 
     marginlab margins --model mnist-mlp --weights model.pt --data mnist \\
-        --estimator first-order,deepfool,best --out margins.csv
+        --estimators first-order,deepfool,best --out margins/
 
-writes ``margins.csv`` (or ``.parquet``, which needs pandas and pyarrow): one row per point with its
-index in the split, label, prediction and one signed-margin column per estimator; and beside it
-``margins.summary.json``: per estimator its kind (exact / lower bound / upper bound / estimate), min,
-mean, median, quantiles and seconds. From Python, on any ``nn.Module`` mapping [N,C,H,W] to logits::
+writes into the directory ``margins/``: ``margins.csv`` (or ``.parquet`` with ``--format parquet``, which
+needs pandas and pyarrow): one row per point with its index in the split, label, prediction and one
+signed-margin column per estimator; and ``summary.json``: per estimator its kind (exact / lower bound /
+upper bound / estimate), min, mean, median, quantiles, parameters and seconds, plus what model was loaded.
+From Python, on any ``nn.Module`` mapping [N,C,H,W] to logits::
 
-    estimate_margins(model, x, y, ["first-order", "deepfool", "best"], p=2)   # {name: [N] float64}
+    estimate_margins(model, x, y, ["first-order", "deepfool", "best"], p=2)   # {name: MarginResult}
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from marginlab.commands.robustness import add_model_arguments, load_from_args
+from marginlab.commands.args import (
+    add_model_arguments,
+    add_points_arguments,
+    check_out_dir,
+    load_from_args,
+    parse_names,
+    parse_options,
+    set_threads,
+)
 from marginlab.errors import ConfigError
 
-FORMATS = (".csv", ".parquet")
+FORMATS = ("csv", "parquet")
+EXAMPLE = (
+    "marginlab margins --model mnist-mlp --weights model.pt --data mnist "
+    "--estimators first-order,ddn,best --out margins/"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("margins", help="per-point margins of a trained model (several estimators)")
+    from marginlab.estimators import ESTIMATORS
+
+    p = sub.add_parser(
+        "margins",
+        help="per-point margins of a trained model (several estimators, each with its kind)",
+        description="Per-point signed margins by each estimator named, with what kind of number each is "
+        f"(exact, lower bound, upper bound, estimate). Example: {EXAMPLE}",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_model_arguments(p)
-    p.add_argument("--estimator", required=True, help="comma-separated, e.g. first-order,deepfool,best")
-    p.add_argument("--p", default="2", help="norm of the perturbation: 2 or inf (default 2)")
+    add_points_arguments(p)
+    p.add_argument(
+        "--estimators",
+        "--estimator",
+        dest="estimators",
+        required=True,
+        help=f"comma-separated, from: {', '.join(ESTIMATORS.names())}, and bracket (crown vs best, with "
+        "mip for exact values)",
+    )
+    p.add_argument("--norm", "--p", dest="norm", default="L2", help="L2 or Linf (2 and inf accepted)")
     p.add_argument(
         "--param",
         action="append",
@@ -38,34 +66,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="EST.KEY=VALUE",
         help="estimator parameter, e.g. --param ddn.steps=200 (repeatable)",
     )
-    p.add_argument("--out", required=True, help="output file, .csv or .parquet (a .summary.json goes beside)")
+    p.add_argument("--format", default="csv", choices=FORMATS, help="the per-point table's format")
+    p.add_argument("--out", required=True, help="output directory (margins.csv, summary.json)")
     p.set_defaults(func=main)
 
 
-def summary_path(out: Path) -> Path:
-    """``margins.csv`` -> ``margins.summary.json``."""
-    return out.with_name(out.stem + ".summary.json")
+def table_path(out: Path, fmt: str) -> Path:
+    from marginlab.runs import MARGINS_TABLE
+
+    return out / f"{MARGINS_TABLE}.{fmt}"
 
 
-def _check_out(out: Path) -> None:
-    if out.suffix.lower() not in FORMATS:
-        raise ConfigError(f"--out must end in .csv or .parquet, got {out.name!r}")
-    if out.suffix.lower() == ".parquet":
+def check_format(fmt: str) -> None:
+    if fmt == "parquet":
         try:
             import pandas  # noqa: F401
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ConfigError(
-                "writing .parquet needs pandas and pyarrow; install them or use a .csv file"
-            ) from None
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory; give a file name ending in .csv or .parquet")
+            raise ConfigError("--format parquet needs pandas and pyarrow; install them or use csv") from None
 
 
 def _parse_params(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
     """``["ddn.steps=200"]`` -> ``{"ddn": {"steps": 200}}``, every value checked (type and range) now,
     before any data is read or any estimator runs."""
-    from marginlab.commands.robustness import parse_options
     from marginlab.estimators.base import validate_params
 
     out: dict[str, dict[str, Any]] = {}
@@ -77,101 +100,42 @@ def _parse_params(items: list[str], names: list[str]) -> dict[str, dict[str, Any
     return {est: validate_params(est, params) for est, params in out.items()}
 
 
-def timed_margins(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    names: list[str],
-    *,
-    p: float | str,
-    batch_size: int,
-    params: dict[str, dict[str, Any]],
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Margins ``{name: [N]}`` and seconds per estimator; ``best`` reuses the attacks named beside it and
-    is charged the time of every attack it combines."""
-    from marginlab.estimators import (
-        ESTIMATORS,
-        MarginKind,
-        build_estimator,
-        combine_upper_bounds,
-        estimate_margins,
-    )
-    from marginlab.estimators.best import DEFAULT_BEST
-
-    def is_attack(name: str) -> bool:
-        return name != "best" and ESTIMATORS.get(name).kind is MarginKind.UPPER
-
-    values: dict[str, torch.Tensor] = {}
-    seconds: dict[str, float] = {}
-
-    def run(name: str) -> None:
-        if name not in values:
-            t0 = time.perf_counter()
-            kw = {name: params[name]} if name in params else None
-            values[name] = estimate_margins(model, x, y, [name], p=p, batch_size=batch_size, params=kw)[name]
-            seconds[name] = time.perf_counter() - t0
-
-    for name in names:
-        if name != "best":
-            run(name)
-    if "best" in names:
-        best = dict(params.get("best", {}))
-        attacks = list(best.pop("attacks", None) or [n for n in names if is_attack(n)] or DEFAULT_BEST)
-        build_estimator("best", attacks=tuple(attacks))  # validates the names
-        for a in attacks:
-            run(a)
-        values["best"] = combine_upper_bounds([values[a] for a in attacks])
-        seconds["best"] = sum(seconds[a] for a in attacks)
-    return {n: values[n] for n in names}, {n: seconds[n] for n in names}
-
-
 def main(args: argparse.Namespace) -> int:
-    from marginlab.estimators import ESTIMATORS, norm_order
-    from marginlab.evaluation import parse_names
+    from marginlab.estimators import ESTIMATORS, estimate_margins, norm_order
+    from marginlab.fsio import atomic_write_json
+    from marginlab.runs import MARGINS_SUMMARY
 
-    out = Path(args.out)
-    _check_out(out)
-    names = parse_names(args.estimator, "estimator")
+    out = check_out_dir(args.out)
+    check_format(args.format)
+    names = parse_names(args.estimators, "estimator")
+    p = norm_order(args.norm)
+    set_threads(args.threads)
     if "bracket" in names:  # not an estimator: crown vs best (and mip) per point, with a figure
         from marginlab.bracket import bracket_main
 
-        return bracket_main(args, names)
+        return bracket_main(args, names, out, p)
     for name in names:
         ESTIMATORS.get(name)
-    p = norm_order(args.p)
     params = _parse_params(args.param, names)
     model, data, index, loaded = load_from_args(args)
-    margins, seconds = timed_margins(
-        model, data.x, data.y, names, p=p, batch_size=args.batch_size, params=params
-    )
+    results = estimate_margins(model, data.x, data.y, names, p=p, batch_size=args.batch_size, params=params)
     with torch.no_grad():
         pred = torch.cat([model(xb) for xb in data.x.split(args.batch_size)]).argmax(1)
     columns = {"index": index.tolist(), "label": data.y.tolist(), "prediction": pred.tolist()}
-    columns |= {n: m.tolist() for n, m in margins.items()}
-    _write_table(out, columns)
-    summary = _summary(args, names, margins, seconds, float((pred == data.y).double().mean()))
+    columns |= {n: r.values.tolist() for n, r in results.items()}
+    write_table(table_path(out, args.format), columns)
+    summary = _summary(args, results, float((pred == data.y).double().mean()))
     summary["loaded_model"] = loaded  # spec, weights, key mapping, preprocessing
-    from marginlab.fsio import atomic_write_json
-
-    atomic_write_json(summary_path(out), summary)
+    atomic_write_json(out / MARGINS_SUMMARY, summary)
     for name in names:
         s = summary["estimators"][name]
-        print(
-            f"{name:12s} {s['kind']:12s} median {s['median']:.4g}  mean {s['mean']:.4g}"
-            f"  ({s['seconds']:.1f} s)"
-        )
-    print(f"wrote {out} and {summary_path(out)}")
+        line = f"{name:12s} {s['kind']:12s} median {s['median']:.4g}  mean {s['mean']:.4g}"
+        print(f"{line}  ({s['seconds']:.1f} s)")
+    print(f"wrote {table_path(out, args.format)} and {out / MARGINS_SUMMARY}")
     return 0
 
 
-def _summary(
-    args: argparse.Namespace,
-    names: list[str],
-    margins: dict[str, torch.Tensor],
-    seconds: dict[str, float],
-    accuracy: float,
-) -> dict[str, Any]:
-    from marginlab.estimators import ESTIMATORS
+def _summary(args: argparse.Namespace, results: dict[str, Any], accuracy: float) -> dict[str, Any]:
     from marginlab.tracking import margin_stats
 
     return {
@@ -179,18 +143,19 @@ def _summary(
         "weights": args.weights,
         "data": args.data,
         "split": args.split,
-        "n": len(next(iter(margins.values()))),
+        "n": len(next(iter(results.values()))),
         "seed": args.seed,
-        "p": str(args.p),
+        "norm": str(args.norm),
         "accuracy": accuracy,
         "estimators": {
             n: {
-                "kind": str(ESTIMATORS.get(n).kind),
-                **margin_stats(margins[n]),
-                "non_finite": int((~torch.isfinite(margins[n])).sum()),
-                "seconds": seconds[n],
+                "kind": str(r.kind),
+                **margin_stats(r.values),
+                "non_finite": int((~torch.isfinite(r.values)).sum()),
+                "seconds": r.seconds,
+                "params": r.params,
             }
-            for n in names
+            for n, r in results.items()
         },
         "sign": "margins are positive for correctly classified points, negative otherwise; an attack "
         "that found no adversarial example gives +inf (-inf for a misclassified point), counted in "
@@ -198,7 +163,7 @@ def _summary(
     }
 
 
-def _write_table(out: Path, columns: dict[str, list[Any]]) -> None:
+def write_table(out: Path, columns: dict[str, list[Any]]) -> None:
     """Write the columns as CSV or Parquet, atomically (non-finite margins are written as inf / -inf)."""
     from marginlab.fsio import atomic_write_text, atomic_write_with
 

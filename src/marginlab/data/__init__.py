@@ -9,7 +9,7 @@ for where its files are looked for. Images are float32 ``[N, C, H, W]`` in [0, 1
 """
 
 from marginlab.data import cifar10, digits, fashion, mnist  # noqa: F401  (each registers its dataset)
-from marginlab.data.api import clear_cache, load_dataset
+from marginlab.data.api import clear_cache, load_dataset, load_points
 from marginlab.data.base import DATASETS, SPLITS, Dataset, DatasetInfo, RawSplit, data_dir_default
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "clear_cache",
     "data_dir_default",
     "load_dataset",
+    "load_points",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from marginlab.data import cifar10, digits, idx_source, mnist
 from marginlab.data.base import Dataset, check_split, data_dir_default, get_info
 from marginlab.data.subsets import apply_label_mode, parse_spec, resolve_classes, select_classes, subsample
+from marginlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +92,43 @@ def clear_cache() -> None:
         digits._splits,
     ):
         cached.cache_clear()
+
+
+def load_points(
+    spec: str,
+    split: str = "test",
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
+    data_dir: str | Path | None = None,
+    clip: bool = False,
+) -> tuple[Dataset, torch.Tensor]:
+    """The points of ``split`` a margin or robustness evaluation runs on, and their indices in the split.
+
+    Either the given ``indices`` (any order, no repeats) or a seeded subset of ``n`` points (all for
+    ``None``; the same points as ``load_dataset(spec, split, n=n, seed=seed)``); with ``clip``, an ``n``
+    larger than the split takes every point. Returns ``(dataset, index [n] int64)``: the dataset's ``x``
+    ``[n, C, H, W]`` and ``y [n]`` are the chosen points, so every number can be traced back to its image.
+    """
+    full = load_dataset(spec, split, data_dir=data_dir)
+    if indices is not None:
+        index = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+        if len(index) == 0:
+            raise ConfigError("no indices given")
+        if len(set(index.tolist())) != len(index):
+            raise ConfigError("the indices repeat a point")
+        bad = index[(index < 0) | (index >= len(full))]
+        if len(bad):
+            last = len(full) - 1
+            raise ConfigError(f"index {int(bad[0])} is outside the {split} split of {spec!r} (0..{last})")
+        return dataclasses.replace(full, x=full.x[index], y=full.y[index]), index
+    if n is not None and n < 1:
+        raise ConfigError(f"the number of points must be positive, got {n}")
+    if clip and n is not None and n >= len(full):
+        n = None
+    chosen = subsample(len(full), n, seed, f"the {split} split of {spec!r}")
+    if chosen is None:
+        return full, torch.arange(len(full))
+    index = torch.from_numpy(chosen).long()
+    return dataclasses.replace(full, x=full.x[index], y=full.y[index]), index

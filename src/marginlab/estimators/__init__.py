@@ -8,9 +8,10 @@ sign convention shared by all of them.
 
 from marginlab.estimators import attacks, crown, exact, first_order, lipschitz, mip, sampling  # noqa: F401
 from marginlab.estimators.base import ESTIMATORS, Estimator, MarginKind, build_estimator, norm_order
-from marginlab.estimators.best import combine_upper_bounds, estimate_margins
+from marginlab.estimators.best import MarginResult, combine_upper_bounds, estimate_margins
 
 __all__ = [
+    "MarginResult",
     "ESTIMATORS",
     "Estimator",
     "MarginKind",

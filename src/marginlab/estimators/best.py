@@ -1,7 +1,10 @@
 """``best``: the per-point tightest upper bound over several attacks, and :func:`estimate_margins`."""
 
+import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,11 +15,40 @@ from marginlab.estimators.base import (
     Estimator,
     MarginKind,
     build_estimator,
+    evaluating,
+    model_device,
+    norm_order,
     register,
     validate_params,
 )
 
 DEFAULT_BEST = ("deepfool", "ddn")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MarginResult:
+    """One estimator's margins of a set of points, with what kind of number they are.
+
+    ``values [N]``: signed margins (float64, CPU; the sign rule of :mod:`marginlab.estimators.base`).
+    ``kind``: exact / lower bound / upper bound / estimate. ``params``: the estimator's settings as used
+    (every default resolved). ``seconds``: wall time (for ``best``: its attacks' time, which their own
+    results show too).
+    """
+
+    estimator: str
+    kind: MarginKind
+    values: torch.Tensor
+    params: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    p: float = 2.0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def numpy(self) -> Any:
+        return self.values.numpy()
 
 
 def combine_upper_bounds(values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -65,14 +97,20 @@ def estimate_margins(
     batch_size: int | None = None,
     params: dict[str, dict[str, object]] | None = None,
     device: str | torch.device | None = None,
-) -> dict[str, torch.Tensor]:
-    """Signed margins ``{name: [N] float64 CPU}`` of ``x [N,C,H,W]``, ``y [N]`` for each estimator named.
+) -> dict[str, MarginResult]:
+    """Margins ``{name: MarginResult}`` of ``x [N,C,H,W]``, ``y [N]`` for each estimator named; each result
+    holds the signed margins ``values [N]`` (float64 CPU), the estimator's ``kind``, its parameters and time.
 
+    ``x``/``y`` may be numpy arrays (``[N, H, W]`` grey images gain their channel axis); a model that
+    outputs probabilities is refused (margins are defined on logits) and one in train mode is evaluated
+    in eval mode with a warning (:mod:`marginlab.inputs`, the same checks as ``robust_accuracy``).
     ``params`` maps an estimator name to its keyword parameters; ``batch_size`` overrides every
     estimator's batch size; ``device`` moves the model there first (else it stays where it is).
     ``"best"`` reuses the attacks computed for the other names (its own ``attacks`` parameter, or
     DeepFool and DDN, when no attack is named).
     """
+    from marginlab.inputs import check_model_outputs, check_train_mode, prepare_inputs
+
     params = params or {}
     unknown = sorted(set(params) - set(names))
     if unknown:
@@ -82,14 +120,24 @@ def estimate_margins(
     params = {name: validate_params(name, kw) for name, kw in params.items()}  # and on a bad value
     if device is not None:
         model.to(device)
-    results: dict[str, torch.Tensor] = {}
+    x, y = prepare_inputs(x, y)
+    warning = check_train_mode(model)
+    if warning:
+        log.warning(warning)
+    with evaluating(model), torch.no_grad():
+        check_model_outputs(model(x[:64].to(model_device(model))), y)
+    results: dict[str, MarginResult] = {}
 
-    def run(name: str) -> torch.Tensor:
+    def run(name: str) -> MarginResult:
         if name not in results:
             kw = dict(params.get(name, {}))
             if batch_size is not None:
                 kw["batch_size"] = batch_size
-            results[name] = build_estimator(name, **kw)(model, x, y, p=p)
+            est = build_estimator(name, **kw)
+            start = time.perf_counter()
+            values = est(model, x, y, p=p)
+            seconds = time.perf_counter() - start
+            results[name] = MarginResult(name, est.kind, values, _fields(est), seconds, norm_order(p))
         return results[name]
 
     for name in names:
@@ -98,6 +146,16 @@ def estimate_margins(
     if "best" in names:
         best_params = dict(params.get("best", {}))
         attacks = best_params.pop("attacks", None) or [n for n in names if _is_attack(n)] or DEFAULT_BEST
-        attacks = build_estimator("best", attacks=attacks).attacks  # validates the names
-        results["best"] = combine_upper_bounds([run(a) for a in attacks])
+        best = build_estimator("best", attacks=attacks)  # validates the names
+        start = time.perf_counter()
+        parts = [run(a) for a in best.attacks]
+        values = combine_upper_bounds([r.values for r in parts])
+        seconds = time.perf_counter() - start + sum(r.seconds for r in parts)
+        results["best"] = MarginResult("best", best.kind, values, _fields(best), seconds, norm_order(p))
     return {name: results[name] for name in names}
+
+
+def _fields(est: Estimator) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(est).items()}

@@ -7,7 +7,7 @@ skipped on ``--resume``, unfinished ones resumed from their checkpoint). Before 
 every base's data are loaded and its model built once, so a missing dataset in the last base fails at
 once instead of after hours of training; an interrupted comparison never loses a finished sub-run.
 Each trained model is then evaluated on a fixed seeded subset of test points
-(:func:`marginlab.evaluation.evaluate_robustness`: a min-norm bound, PGD, then AutoAttack) into the
+(:func:`marginlab.robustness.robust_accuracy`: a min-norm bound, PGD, then AutoAttack) into the
 sub-run's ``robustness.json``. Finally ``table.csv``/``table.md``/``sweep.csv`` and a summary that says per
 base whether ``regularized`` beats ``standard`` on mean margin and on robust accuracy, either way.
 
@@ -18,16 +18,18 @@ be resumed or reproduced even after the preset files change.
 from __future__ import annotations
 
 import logging
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from marginlab.config import check_positive, load_toml, merge_overrides, require
 from marginlab.errors import ConfigError, MarginlabError
 from marginlab.regularizers import RECIPES
 from marginlab.runs import ROBUSTNESS, WEIGHTS, RunDir, subrun_dir
+
+if TYPE_CHECKING:
+    from marginlab.robustness import RobustnessSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,60 +98,55 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class RobustnessConfig:
-    """How every trained model is attacked (docs/reference-settings.md): ``n`` test points, ``seed``;
-    ``sweep``: radii as multiples of each base's reference eps; ``autoattack_at``: AutoAttack at the
-    reference eps only (cheaper) or at every radius. ``bound``: the min-norm pre-pass (``"none"``: none),
-    with ``bound_params`` (e.g. ``{steps = 50}``). PGD: ``steps`` of ``step_size`` (the reference: 1000 of
-    0.01), or of ``step_size_rel`` times the base's reference eps when that is set."""
+    """How every trained model is attacked: ``n`` test points drawn with ``seed``; ``sweep``: radii as
+    multiples of each base's reference eps; ``autoattack_at``: AutoAttack at the reference eps only
+    (cheaper) or at every radius; PGD's step as ``step_size_rel`` times the reference eps, when set.
+    Every other key is a field of :class:`marginlab.robustness.RobustnessSettings` (``norm``,
+    ``attacks``, ``bound`` — ``"none"`` for none —, ``bound_params``, ``steps``, ``step_size``,
+    ``aa_version``, ``aa_attacks``, ``aa_iters``, ``batch_size``, ``tol``); left out, it takes that
+    class's default (docs/reference-settings.md), the same as ``marginlab robustness`` and the Python API.
+    Each sub-run's ``robustness.json`` records the settings used."""
 
     n: int = 500
     seed: int = 0
-    norm: Literal["L2", "Linf"] = "L2"
-    bound: str | None = "ddn"
-    attacks: tuple[str, ...] = ("pgd", "autoattack")
-    steps: int = 1000
-    step_size: float = 0.01
-    step_size_rel: float | None = None
-    bound_params: dict[str, Any] = field(default_factory=dict)
     sweep: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
     autoattack_at: Literal["reference", "all"] = "all"
-    aa_version: Literal["standard", "plus", "custom"] = "standard"
-    aa_attacks: tuple[str, ...] = ()
+    step_size_rel: float | None = None
+    norm: Literal["L2", "Linf"] | None = None
+    attacks: tuple[str, ...] | None = None
+    bound: str | None = None
+    bound_params: dict[str, Any] | None = None
+    steps: int | None = None
+    step_size: float | None = None
+    aa_version: Literal["standard", "plus", "custom"] | None = None
+    aa_attacks: tuple[str, ...] | None = None
     aa_iters: int | None = None
-    batch_size: int = 256
-    tol: float = 0.02
+    batch_size: int | None = None
+    tol: float | None = None
 
     def __post_init__(self) -> None:
-        from marginlab.robustness.attacks import ATTACKS, AttackSettings
-
         check_positive("robustness.n", self.n)
-        require(bool(self.attacks), "robustness.attacks must name at least one attack")
-        for name in self.attacks:
-            ATTACKS.get(name)
+        check_positive("robustness.step_size_rel", self.step_size_rel)
         require(
             all(f > 0 for f in self.sweep), "robustness.sweep holds positive multiples of the reference eps"
         )
-        AttackSettings(
-            norm=self.norm,
-            steps=self.steps,
-            step_size=self.step_size,
-            batch_size=self.batch_size,
-            aa_version=self.aa_version,
-            aa_attacks=self.aa_attacks or None,
-            aa_iters=self.aa_iters,
-        )
-        if self.bound == "none":  # TOML has no null
-            object.__setattr__(self, "bound", None)
-        if self.bound is not None:
-            from marginlab.estimators import ESTIMATORS, MarginKind
+        try:
+            self.settings_for(1.0)  # every attack setting checked now, before anything trains
+        except ConfigError as e:
+            raise ConfigError(f"robustness: {e}") from None
 
-            est = ESTIMATORS.get(self.bound)
-            require(est.kind is MarginKind.UPPER, f"robustness.bound {self.bound!r} is not a min-norm attack")
-            p = 2.0 if self.norm == "L2" else math.inf
-            require(p in est.norms, f"robustness.bound {self.bound!r} does not support the {self.norm} norm")
-            from marginlab.estimators.base import validate_params
+    def settings_for(self, reference: float) -> RobustnessSettings:
+        """The evaluation settings of a base whose reference radius is ``reference``."""
+        from marginlab.robustness import RobustnessSettings
 
-            validate_params(self.bound, self.bound_params, "robustness.bound_params")
+        own = ("n", "seed", "sweep", "autoattack_at", "step_size_rel")
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in own}
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if self.step_size_rel is not None:
+            kw["step_size"] = self.step_size_rel * reference
+        if self.autoattack_at == "reference":
+            kw["aa_eps"] = (reference,)
+        return RobustnessSettings(seed=self.seed, **kw)
 
     def eps_for(self, reference: float) -> list[float]:
         """The radii evaluated for a base: the reference eps and the sweep (rounded to 6 digits)."""
@@ -249,22 +246,23 @@ def check_bases(cfg: Config) -> None:
             raise
 
 
-def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> dict[str, Any]:
+def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> None:
     """Robustness of a finished sub-run's model on the fixed test subset into ``robustness.json``."""
-    from marginlab.evaluation import evaluate_robustness, load_eval_data, load_model
-    from marginlab.fsio import atomic_write_json, read_json
+    from marginlab.data import load_points
+    from marginlab.model_io import load_model
+    from marginlab.robustness import robust_accuracy
     from marginlab.runs import read_config
 
     out = path / ROBUSTNESS
     if out.is_file():
-        return read_json(out)
+        return
     tcfg = read_config(path)
     data = tcfg.get("data", {})
-    test, _ = load_eval_data(
+    test, index = load_points(
         data.get("dataset", "mnist"), "test", n=rc.n, seed=rc.seed, data_dir=data.get("data_dir")
     )
     model_cfg = tcfg.get("model", {})
-    model = load_model(
+    loaded = load_model(
         model_cfg.get("name", "mnist-mlp"),
         path / WEIGHTS,
         num_classes=test.num_classes,
@@ -273,28 +271,8 @@ def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> dict[
     )
     ref = base.reference_eps
     log.info("evaluating robustness of %s at eps %s", path, rc.eps_for(ref))
-    result = evaluate_robustness(
-        model,
-        test.x,
-        test.y,
-        rc.eps_for(ref),
-        norm=rc.norm,
-        attacks=rc.attacks,
-        bound=rc.bound,
-        steps=rc.steps,
-        step_size=rc.step_size if rc.step_size_rel is None else rc.step_size_rel * ref,
-        seed=rc.seed,
-        batch_size=rc.batch_size,
-        aa_version=rc.aa_version,
-        aa_attacks=rc.aa_attacks or None,
-        aa_iters=rc.aa_iters,
-        aa_eps=[ref] if rc.autoattack_at == "reference" else None,
-        tol=rc.tol,
-        bound_params=rc.bound_params or None,
-    )
-    result["reference_eps"] = ref
-    atomic_write_json(out, result)
-    return result
+    result = robust_accuracy(loaded.model, test.x, test.y, rc.eps_for(ref), rc.settings_for(ref), index=index)
+    result.save(out, reference_eps=ref)
 
 
 def plot(run_dir: Path) -> list[Path]:

@@ -16,11 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from marginlab.evaluation import paired_difference
 from marginlab.runs import ROBUSTNESS, SWEEP_CSV, TABLE_CSV, TABLE_MD, subrun_dir
 
 if TYPE_CHECKING:
     from marginlab.experiments.compare import Config
+
+
+def paired_difference(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    """Robust accuracy of ``after`` minus ``before`` on the same points (bool flags ``[n]`` each), with the
+    2-SE noise level of a paired difference: SE = sqrt(b + c - (c - b)² / n) / n for b points robust only
+    before and c only after (at least one discordant point's worth, so 0 vs 0 is never "significant")."""
+    n = max(len(before), 1)
+    b, c = int((before & ~after).sum()), int((~before & after).sum())
+    se = max(b + c - (c - b) ** 2 / n, 1.0) ** 0.5 / n
+    delta = (c - b) / n
+    return {"delta": delta, "noise_2se": 2 * se, "beyond_noise": abs(delta) > 2 * se}
 
 
 def _at(res: dict[str, Any], key: str, eps: float, attack: str | None = None) -> float | None:
@@ -129,7 +139,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
     from marginlab.report.tables import csv_text, markdown_table
 
     rows = collect(cfg, run_dir)
-    header = [*HEADLINE, "sweep_eps", f"sweep_{cfg.robustness.attacks[0]}", "sweep_worst"]
+    header = [*HEADLINE, "sweep_eps", f"sweep_{cfg.robustness.settings_for(1.0).attacks[0]}", "sweep_worst"]
     atomic_write_text(run_dir / TABLE_CSV, csv_text(header, [_headline(r) for r in rows]))
     tidy = [
         [
@@ -179,23 +189,23 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
 
 def _notes(cfg: Config) -> str:
     """How the numbers were obtained, in words (the top of ``table.md`` and the summary's ``notes``)."""
-    rc = cfg.robustness
-    step = f"{rc.step_size_rel:g} x eps_ref" if rc.step_size_rel is not None else f"{rc.step_size:g}"
-    aa = rc.aa_version + (f" ({', '.join(rc.aa_attacks)})" if rc.aa_attacks else "")
-    aa += f", {rc.aa_iters} iterations" if rc.aa_iters else ""
+    rc, s = cfg.robustness, cfg.robustness.settings_for(1.0)
+    step = f"{rc.step_size_rel:g} x eps_ref" if rc.step_size_rel is not None else f"{s.step_size:g}"
+    aa = s.aa_version + (f" ({', '.join(s.aa_attacks)})" if s.aa_attacks else "")
+    aa += f", {s.aa_iters} iterations" if s.aa_iters else ""
     where = "the reference eps" if rc.autoattack_at == "reference" else "every eps"
     attacks = {
-        "pgd": f"PGD ({rc.steps} steps of {step} with random start; the reference: 1000 steps of 0.01)",
+        "pgd": f"PGD ({s.steps} steps of {step} with random start; the reference: 1000 steps of 0.01)",
         "autoattack": f"AutoAttack {aa} at {where}",
     }
-    first, *later = rc.attacks
+    first, *later = s.attacks
     return " ".join(
         [
-            f"{rc.n} fixed test points (seed {rc.seed}), {rc.norm} norm.",
-            f"`bound`: share of points whose {rc.bound} margin upper bound (min-norm attack) exceeds eps."
-            if rc.bound
+            f"{rc.n} fixed test points (seed {rc.seed}), {s.norm} norm.",
+            f"`bound`: share of points whose {s.bound} margin upper bound (min-norm attack) exceeds eps."
+            if s.bound
             else "No min-norm bound.",
-            f"`{first}`: {attacks[first]} on every clean-correct point (its own figure).",
+            f"`{first}`: {attacks[first]} on the points the bound left robust.",
             *[f"`{a}`: {attacks[a]}, only on the points still robust." for a in later],
             "`worst`: the reported robust accuracy (survived every evaluation).",
             "Margins: the last epoch's tracked estimate, min and mean over the tracked subsets.",

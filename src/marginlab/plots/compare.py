@@ -158,8 +158,8 @@ def plot_robustness(
     run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int], path: Path
 ) -> Path:
     """One panel per base: bound curves per recipe, the first attack's points and the worst case."""
-    from marginlab.evaluation import margin_upper_from_json
     from marginlab.robustness import robustness_curve
+    from marginlab.robustness.evaluate import margin_upper_from_points as margin_upper_from_json
 
     fig, axes = new_figure(1, len(bases), size=(4.4 * len(bases), 3.4))
     axes = np.atleast_1d(np.asarray(axes, dtype=object)).ravel()

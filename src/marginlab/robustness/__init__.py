@@ -1,20 +1,20 @@
 """Robustness evaluation: robust accuracy at fixed ε under PGD and AutoAttack (L2 and L∞), the robustness
 curve from minimal perturbations, and sanity checks that flag an evaluation which overstates robustness.
 
-    res = robust_accuracy(model, x, y, [0.5, 1.0], norm="L2", margin_upper=bounds)
-    res.worst_case, res.robust_accuracy["pgd"], res.warnings
-    fig = plot_robustness(bounds, res)
+    res = robust_accuracy(model, x, y, [0.5, 1.0], norm="L2")     # DDN bound, then PGD and AutoAttack
+    res.worst_case, res.accuracy["pgd"], res.warnings
+    fig = plot_robustness(res.margin_upper(), res)
 """
 
-from marginlab.robustness.attacks import ATTACKS, NORMS, AttackSettings, normalize_norm
+from marginlab.robustness.attacks import ATTACKS, NORMS, RobustnessSettings, normalize_norm
 from marginlab.robustness.curve import plot_robustness, robustness_curve
 from marginlab.robustness.evaluate import RobustnessResult, robust_accuracy
 
 __all__ = [
     "ATTACKS",
     "NORMS",
-    "AttackSettings",
     "RobustnessResult",
+    "RobustnessSettings",
     "normalize_norm",
     "plot_robustness",
     "robust_accuracy",

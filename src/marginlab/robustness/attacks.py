@@ -7,8 +7,10 @@ library quirk can never make a model look less robust than it is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +20,11 @@ from marginlab.errors import ConfigError
 from marginlab.registry import Registry
 from marginlab.seed import check_seed
 
-__all__ = ["ATTACKS", "NORMS", "AttackSettings", "autoattack", "normalize_norm", "pgd"]
+__all__ = ["ATTACKS", "NORMS", "RobustnessSettings", "autoattack", "normalize_norm", "pgd"]
 
 NORMS = ("L2", "Linf")
 AA_VERSIONS = ("standard", "plus", "custom")
+AUTO_BOUND = {"L2": "ddn", "Linf": "fmn"}  # the bound pre-pass's default estimator, per norm
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 
@@ -36,12 +39,23 @@ def normalize_norm(norm: str) -> str:
 
 
 @dataclass(frozen=True)
-class AttackSettings:
-    """Settings shared by the attacks. PGD: ``steps`` of absolute size ``step_size`` (the reference: L2,
-    1000 steps of 0.01), cross-entropy loss. AutoAttack: ``aa_version`` ('standard' is the trustworthy
-    default; 'custom' runs ``aa_attacks`` only, with ``aa_iters`` iterations if given)."""
+class RobustnessSettings:
+    """Every setting of a robustness evaluation, one object for the CLI, configs and the Python API.
+
+    ``attacks``: the fixed-ε attacks, in order (each runs on the points still robust). ``bound``: the
+    minimum-norm estimator of the pre-pass (``None``: none; ``"auto"``: DDN for L2, FMN for L∞, which
+    DDN does not support) with ``bound_params``. PGD: ``steps`` of
+    absolute size ``step_size`` (the reference: L2, 1000 steps of 0.01), cross-entropy loss, random start.
+    AutoAttack: ``aa_version`` ('standard' is the trustworthy default; 'custom' runs ``aa_attacks`` only,
+    with ``aa_iters`` iterations if given), at the radii ``aa_eps`` (``None``: all). ``tol``: how much a
+    later attack may break beyond the earlier ones (a share of all points) before a warning says the
+    earlier attacks alone overstate robustness.
+    """
 
     norm: str = "L2"
+    attacks: tuple[str, ...] = ("pgd", "autoattack")
+    bound: str | None = "auto"
+    bound_params: dict[str, Any] = field(default_factory=dict)
     steps: int = 1000
     step_size: float = 0.01
     random_start: bool = True
@@ -50,9 +64,22 @@ class AttackSettings:
     aa_version: str = "standard"
     aa_attacks: tuple[str, ...] | None = None
     aa_iters: int | None = None
+    aa_eps: tuple[float, ...] | None = None
+    tol: float = 0.02
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", normalize_norm(self.norm))
+        attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(dict.fromkeys(self.attacks))
+        object.__setattr__(self, "attacks", attacks)
+        if not attacks:
+            raise ConfigError("name at least one attack (pgd, autoattack)")
+        for name in attacks:
+            ATTACKS.get(name)  # unknown names: one line listing the valid ones
+        self._check_bound()
+        if self.aa_eps is not None:
+            object.__setattr__(self, "aa_eps", tuple(float(e) for e in self.aa_eps))
+        if not (math.isfinite(self.tol) and 0 <= self.tol <= 1):
+            raise ConfigError(f"tol must be a share in [0, 1], got {self.tol!r}")
         check_count("attack steps", self.steps)
         check_positive("attack step_size", self.step_size)  # also rejects nan and inf
         check_count("attack batch_size", self.batch_size)
@@ -67,14 +94,36 @@ class AttackSettings:
         if self.aa_iters is not None:
             check_count("aa_iters", self.aa_iters)
 
+    def _check_bound(self) -> None:
+        if isinstance(self.bound, str) and self.bound.lower() == "none":
+            object.__setattr__(self, "bound", None)
+        if self.bound == "auto":
+            object.__setattr__(self, "bound", AUTO_BOUND[self.norm])
+        if self.bound is None:
+            return
+        from marginlab.estimators import ESTIMATORS, MarginKind
+        from marginlab.estimators.base import validate_params
+
+        est = ESTIMATORS.get(self.bound)
+        if est.kind is not MarginKind.UPPER:
+            raise ConfigError(
+                f"bound {self.bound!r} is not a minimum-norm attack; use ddn, deepfool, fmn, fab or best"
+            )
+        p = 2.0 if self.norm == "L2" else math.inf
+        if p not in est.norms:
+            raise ConfigError(f"bound {self.bound!r} does not support the {self.norm} norm")
+        validate_params(self.bound, dict(self.bound_params), "bound_params")
+
 
 # An attack: (model, x [n, ...] clean-correct, y [n], eps, settings) -> (x_adv [n, ...], notes).
-AttackFn = Callable[[nn.Module, Tensor, Tensor, float, AttackSettings], tuple[Tensor, list[str]]]
+AttackFn = Callable[[nn.Module, Tensor, Tensor, float, "RobustnessSettings"], tuple[Tensor, list[str]]]
 ATTACKS: Registry[AttackFn] = Registry("attack")
 
 
 @ATTACKS.register("pgd")
-def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, s: AttackSettings) -> tuple[Tensor, list[str]]:
+def pgd(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, s: RobustnessSettings
+) -> tuple[Tensor, list[str]]:
     """Projected gradient ascent on the cross-entropy loss from a random start in the ε-ball (foolbox)."""
     import foolbox as fb
 
@@ -94,7 +143,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, s: AttackSettings) -
 
 @ATTACKS.register("autoattack")
 def autoattack(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, s: AttackSettings
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, s: RobustnessSettings
 ) -> tuple[Tensor, list[str]]:
     """AutoAttack (Croce & Hein 2020) at radius ``eps``; runs its attacks one after the other on the
     points still robust, as the official code does."""

@@ -20,9 +20,6 @@ from torch import Tensor, nn
 __all__ = [
     "capture_warnings",
     "check_attack_disagreement",
-    "check_bound",
-    "check_probability_outputs",
-    "check_train_mode",
     "check_zero_gradients",
     "predict",
 ]
@@ -32,27 +29,6 @@ def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     """Logits [N, K] of ``x`` [N, ...], in batches, without gradients."""
     with torch.no_grad():
         return torch.cat([model(xb) for xb in x.split(batch_size)])
-
-
-def check_train_mode(model: nn.Module) -> str | None:
-    if not model.training:
-        return None
-    return (
-        "the model was in train mode (dropout/batch-norm make attacks unreliable); evaluated it in eval mode"
-    )
-
-
-def check_probability_outputs(logits: Tensor, tol: float = 1e-5) -> str | None:
-    """Rows [N, K] all in [0, 1] and summing to 1 look like softmax outputs, not logits."""
-    if logits.numel() == 0:
-        return None
-    in_range = bool(logits.min() > -tol) and bool(logits.max() < 1 + tol)
-    if in_range and bool(((logits.sum(1) - 1).abs() < tol).all()):
-        return (
-            "the model outputs look like probabilities (rows in [0, 1] summing to 1); attacks need logits, "
-            "so the cross-entropy saturates and robustness is overstated"
-        )
-    return None
 
 
 def check_zero_gradients(model: nn.Module, x: Tensor, y: Tensor) -> str | None:
@@ -79,7 +55,7 @@ def check_attack_disagreement(
     stages: Sequence[str],
     attacks: Sequence[str],
     eps: Sequence[float],
-    acc: dict[str, list[float]],
+    acc: dict[str, list[float | None]],
     tol: float,
 ) -> list[str]:
     """Warn where an attack stage broke more than ``tol`` (a share of all points) beyond the earlier attacks.
@@ -93,27 +69,14 @@ def check_attack_disagreement(
         if stage not in attacks or not earlier:
             continue
         for j, e in enumerate(eps):
-            drop = acc[stages[i - 1]][j] - acc[stage][j]
+            before, after = acc[stages[i - 1]][j], acc[stage][j]
+            if before is None or after is None:  # a stage that did not run at this radius
+                continue
+            drop = before - after
             if drop > tol + 1e-12:
                 out.append(
                     f"{stage} broke {drop:.1%} of points that {'+'.join(earlier)} left robust at eps={e:g} "
                     f"(tolerance {tol:.1%}): {'+'.join(earlier)} alone overstates robustness here"
-                )
-    return out
-
-
-def check_bound(
-    stages: Sequence[str], eps: Sequence[float], acc: dict[str, list[float]], bound_share: Sequence[float]
-) -> list[str]:
-    """Robust accuracy can never exceed the share of points whose minimum-norm bound is above ε."""
-    out = []
-    for stage in stages:
-        for j, e in enumerate(eps):
-            if acc[stage][j] > bound_share[j] + 1e-12:
-                out.append(
-                    f"robust accuracy after {stage} at eps={e:g} is {acc[stage][j]:.1%}, above the "
-                    f"{bound_share[j]:.1%} of points whose margin upper bound exceeds eps: the attack "
-                    "failed on points a minimum-norm attack already broke"
                 )
     return out
 

@@ -95,7 +95,7 @@ def _draw(
             after = " (after earlier stages)" if stage != result.stages[0] else ""
             ax.plot(
                 result.eps,
-                result.robust_accuracy[stage],
+                [np.nan if v is None else v for v in result.accuracy[stage]],
                 marker=marker,
                 linestyle="none",
                 label=f"{label}{after}",

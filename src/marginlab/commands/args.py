@@ -1,0 +1,212 @@
+"""Argument parsing shared by the commands: comma-separated lists, radii, norms, point indices.
+
+One parser per kind of value, so that every command accepts the same spellings (``--norm 2`` and
+``--norm L2``, ``--eps 0.5,1``, ``--indices 3,17`` or ``--indices FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from marginlab.errors import ConfigError
+
+DEFAULT_N = 500
+
+
+def parse_names(text: str, what: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (duplicates dropped, order kept); empty lists are an error."""
+    names = list(dict.fromkeys(s.strip() for s in str(text).split(",") if s.strip()))
+    if not names:
+        raise ConfigError(f"give at least one {what} (a comma-separated list)")
+    return names
+
+
+def parse_eps(text: str | Sequence[float]) -> list[float]:
+    """``"0.5,1,2"`` (or a list) -> sorted distinct radii; NaN, inf, negatives and junk are errors."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[float] = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"bad eps value {str(item).strip()!r}; give numbers like 0.5,1,2") from None
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"eps values must be finite and >= 0, got {str(item).strip()!r}")
+        out.append(value)
+    if not out:
+        raise ConfigError("give at least one eps value, e.g. --eps 0.5,1,2")
+    return sorted(set(out))
+
+
+def parse_indices(text: str) -> list[int]:
+    """``"3,17,42"`` or a file of integers (one per line, or separated by commas / spaces)."""
+    path = Path(text)
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read indices from {path} ({type(e).__name__})") from None
+    out = []
+    for item in text.replace(",", " ").split():
+        try:
+            out.append(int(item))
+        except ValueError:
+            raise ConfigError(
+                f"bad index {item!r}: give integers, e.g. --indices 3,17,42 or a file"
+            ) from None
+    if not out:
+        raise ConfigError("--indices names no point")
+    return out
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that name a model, its weights and the points to evaluate (shared with ``margins``)."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a registry name (marginlab.models.MODELS), FILE.py:Class, package.module:factory, "
+        "a TorchScript file or an .onnx file (needs marginlab[onnx])",
+    )
+    p.add_argument(
+        "--weights",
+        help="a state_dict or checkpoint file (needed for registry models; TorchScript/ONNX hold their own)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture option, e.g. --option widths=[256] (repeatable)",
+    )
+    p.add_argument(
+        "--preprocess",
+        metavar="mean=M,std=S",
+        help="input normalisation folded into the model, e.g. mean=0.1307,std=0.3081 or "
+        "mean=0.49,0.48,0.45,std=0.25,0.24,0.26 (attacks and eps stay in [0,1] pixels)",
+    )
+    p.add_argument(
+        "--key-map",
+        metavar="OLD=NEW,...",
+        help="rename checkpoint key prefixes, e.g. features.=phi.,fc3.=head. (foreign names that pair "
+        "up in order with the model's are mapped without it)",
+    )
+
+
+def add_points_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose the points to evaluate and how (shared by ``margins`` and ``robustness``)."""
+    p.add_argument(
+        "--data", required=True, help="dataset spec: mnist, fashion-mnist, cifar10, digits, mnist:0,1"
+    )
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split (default test)")
+    p.add_argument(
+        "--n",
+        type=int,
+        help=f"points drawn from the split with --seed (default {DEFAULT_N}, or all if fewer)",
+    )
+    p.add_argument("--all", action="store_true", help="use every point of the split (ignores --n)")
+    p.add_argument(
+        "--indices",
+        help="exactly these points of the split: 3,17,42 or a file of integers (instead of --n/--seed); "
+        "the indices used are always written with the results",
+    )
+    p.add_argument(
+        "--seed", type=seed_arg, default=0, help="seed of the point subset and the attacks (default 0)"
+    )
+    p.add_argument("--data-dir", help="data directory (default: $MARGINLAB_DATA or ~/.marginlab/data)")
+    p.add_argument("--batch-size", type=int_arg, default=256, help="points per batch")
+    p.add_argument("--threads", type=int_arg, help="CPU threads for torch (default: torch's choice)")
+
+
+def int_arg(text: str) -> int:
+    """argparse type: an integer that fits in 64 bits (torch overflows on larger ones, deep inside)."""
+    from marginlab.config import INT_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -INT_LIMIT < value < INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (integers must lie within +-(2**63 - 1))")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """argparse type: a seed (see :func:`marginlab.seed.check_seed`)."""
+    from marginlab.seed import check_seed
+
+    try:
+        return check_seed(int_arg(text), "the seed")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["widths=[256]", "dropout=0.5"]`` -> ``{"widths": [256], "dropout": 0.5}`` (values as TOML)."""
+    from marginlab.config import parse_value
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"option {item!r} is not of the form KEY=VALUE")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(model, dataset, index, record)`` from the options of :func:`add_model_arguments`; ``record``
+    says what was loaded (:func:`marginlab.model_io.load_model`). User errors: one line."""
+    from marginlab import model_io
+    from marginlab.data import load_points
+    from marginlab.weights import parse_key_map
+
+    # every cheap check first: a bad spec, option or file fails before any data is read
+    model_io.resolve_spec(args.model)
+    preprocess = model_io.parse_preprocess(args.preprocess)
+    key_map = parse_key_map(args.key_map)
+    options = parse_options(args.option)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise ConfigError(f"weights file {args.weights} not found")
+    n = None if args.all else DEFAULT_N if args.n is None else args.n
+    indices = parse_indices(args.indices) if args.indices else None
+    if indices is not None and (args.n is not None or args.all):
+        raise ConfigError("--indices chooses the points itself; give no --n or --all with it")
+    data, index = load_points(
+        args.data, args.split, n=n, seed=args.seed, indices=indices, data_dir=args.data_dir,
+        clip=args.n is None,
+    )  # fmt: skip
+    loaded = model_io.load_model(
+        args.model,
+        args.weights,
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        options=options,
+        preprocess=preprocess,
+        key_map=key_map,
+    )
+    return loaded.model, data, index, loaded.record
+
+
+def check_out_dir(text: str) -> Path:
+    """``--out``: a directory (made when the results are written); refuse an existing file."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    return out
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: how many CPU threads torch may use (``None``: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
