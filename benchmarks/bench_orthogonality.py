@@ -32,12 +32,12 @@ from marginlab.regularizers import Orthogonality, Regularizer, RegularizerConfig
 
 VARIANTS: dict[str, RegularizerConfig | None] = {
     "none": None,
-    "exact": RegularizerConfig(recipe="constraint"),
+    "exact": RegularizerConfig(recipe="constraint", ortho_every=1),
     "every=10": RegularizerConfig(recipe="constraint", ortho_every=10),
     "every=50": RegularizerConfig(recipe="constraint", ortho_every=50),
-    "probes=4": RegularizerConfig(recipe="constraint", ortho_probes=4),
-    "probes=1": RegularizerConfig(recipe="constraint", ortho_probes=1),
-    "regularized": RegularizerConfig(recipe="regularized"),  # margin term + exact penalty
+    "probes=4": RegularizerConfig(recipe="constraint", ortho_every=1, ortho_probes=4),
+    "probes=1": RegularizerConfig(recipe="constraint", ortho_every=1, ortho_probes=1),
+    "regularized": RegularizerConfig(recipe="regularized", ortho_every=1),  # margin term + exact penalty
 }
 
 

@@ -26,12 +26,12 @@ from marginlab.train import TrainConfig, fit
 
 VARIANTS: dict[str, RegularizerConfig] = {
     "standard": RegularizerConfig(recipe="standard"),
-    "constraint (exact)": RegularizerConfig(recipe="constraint"),
-    "regularized (exact)": RegularizerConfig(recipe="regularized"),
+    "constraint (exact)": RegularizerConfig(recipe="constraint", ortho_every=1),
+    "regularized (exact)": RegularizerConfig(recipe="regularized", ortho_every=1),
     "regularized, ortho_every=10": RegularizerConfig(recipe="regularized", ortho_every=10),
     "regularized, ortho_every=50": RegularizerConfig(recipe="regularized", ortho_every=50),
-    "regularized, ortho_probes=8": RegularizerConfig(recipe="regularized", ortho_probes=8),
-    "regularized, ortho_probes=1": RegularizerConfig(recipe="regularized", ortho_probes=1),
+    "regularized, ortho_probes=8": RegularizerConfig(recipe="regularized", ortho_every=1, ortho_probes=8),
+    "regularized, ortho_probes=1": RegularizerConfig(recipe="regularized", ortho_every=1, ortho_probes=1),
 }
 
 

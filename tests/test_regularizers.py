@@ -106,6 +106,48 @@ def test_smaller_gram_equals_direct_formula(shape: tuple[int, ...]) -> None:
     assert orthogonality_penalty(q).item() == pytest.approx(2.0, abs=1e-12)  # (m - n) = 2 left over
 
 
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (5, 5), (16, 2, 3, 3), (1, 1)])
+def test_closed_form_gradient_equals_autograd_of_the_direct_formula(shape: tuple[int, ...]) -> None:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    w1 = w.clone().requires_grad_(True)
+    w2 = w.clone().requires_grad_(True)
+    (3.0 * orthogonality_penalty(w1)).backward()  # the closed form 4 (WWᵀ − I) W, scaled by the outer 3
+    (3.0 * direct_penalty(w2)).backward()  # autograd through the full m x m Gram
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-12, atol=1e-12)
+    wide = w.flatten(1)
+    want = 4 * (wide @ wide.T - torch.eye(wide.shape[0], dtype=torch.float64)) @ wide
+    assert torch.allclose(w2.grad.flatten(1), 3.0 * want, rtol=1e-12, atol=1e-12)
+
+
+def test_default_penalty_is_an_unbiased_estimate_of_the_exact_one() -> None:
+    """The default's value and gradient, averaged over many steps, equal β Σ‖WWᵀ − I‖² and its gradient."""
+    torch.manual_seed(0)
+    model = build_model("mnist-mlp", widths=(24,)).double()
+    (default,) = build_regularizers(RegularizerConfig(recipe="constraint"))
+    exact = Orthogonality(beta=default.beta)
+    params = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    x, y = torch.zeros(1, 1, 28, 28, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    logits = model(x).detach()
+    want = exact(model, x, logits, y)
+    g_want = torch.autograd.grad(want, params)
+    calls = 3000 - 3000 % default.every  # whole cycles of `every`
+    values, grads = [], [torch.zeros_like(p) for p in params]
+    for _ in range(calls):
+        v = default(model, x, logits, y)
+        values.append(v.item())
+        if v.requires_grad:
+            for acc, g in zip(grads, torch.autograd.grad(v, params), strict=True):
+                acc += g / calls
+    d = torch.tensor(values, dtype=torch.float64)
+    se = d.std().item() / math.sqrt(calls)
+    assert abs(d.mean().item() - want.item()) < max(4 * se, 1e-9 * want.item())
+    for g, gw in zip(grads, g_want, strict=True):
+        assert (g - gw).norm() / gw.norm() < 0.05
+    # and the exact penalty stays selectable: every=1, probes=0 is the exact value on every step
+    (chosen,) = build_regularizers(RegularizerConfig(recipe="constraint", ortho_every=1, ortho_probes=0))
+    assert chosen(model, x, logits, y).item() == pytest.approx(want.item(), rel=1e-12)
+
+
 def test_orthogonality_layers_head_included_by_default() -> None:
     torch.manual_seed(0)
     model = build_model("cnn", input_shape=(1, 12, 12), num_classes=3, channels=(2, 3), fc=(5,))
@@ -147,13 +189,23 @@ def test_probe_estimate_is_unbiased_with_theoretical_variance() -> None:
     assert many.var().item() == pytest.approx(var_theory / 16, rel=0.25)
 
 
-def test_every_k_applies_k_times_the_penalty_once_per_k_steps() -> None:
+def test_every_k_applies_k_times_the_gradient_once_per_k_steps_and_keeps_the_value() -> None:
     model = Tiny()
     reg = Orthogonality(beta=0.1, every=3)
     z = torch.zeros(1, 3, dtype=torch.float64)
-    values = [reg(model, PHI, z, Y).item() for _ in range(6)]
     full = 0.1 * direct_penalty(W).item()
-    assert values == pytest.approx([3 * full, 0, 0, 3 * full, 0, 0], rel=1e-12)
+    (g_full,) = torch.autograd.grad(0.1 * direct_penalty(model.head.weight), model.head.weight)
+    values, grads = [], []
+    for _ in range(6):
+        v = reg(model, PHI, z, Y)
+        values.append(v.item())
+        grads.append(torch.autograd.grad(v, model.head.weight)[0] if v.requires_grad else None)
+    # the value (what the loop logs) is β·penalty on every step; the gradient is k times it every k-th step
+    assert values == pytest.approx([full] * 6, rel=1e-12)
+    assert [g is None for g in grads] == [False, True, True, False, True, True]
+    assert torch.allclose(grads[0], 3 * g_full, rtol=1e-12) and torch.allclose(
+        grads[3], 3 * g_full, rtol=1e-12
+    )
 
 
 def test_state_dict_resumes_step_counter_and_probe_stream() -> None:
@@ -162,11 +214,14 @@ def test_state_dict_resumes_step_counter_and_probe_stream() -> None:
     a = Orthogonality(beta=1.0, every=2, probes=3, seed=5)
     a(model, PHI, z, Y)
     state = a.state_dict()
-    want = [a(model, PHI, z, Y).item() for _ in range(3)]
+    want = [a(model, PHI, z, Y) for _ in range(3)]
     b = Orthogonality(beta=1.0, every=2, probes=3, seed=5)
     b.load_state_dict(state)
-    assert [b(model, PHI, z, Y).item() for _ in range(3)] == want
-    assert want[0] == 0 and want[1] > 0  # resumed on the skipped step, then the next applied one
+    got = [b(model, PHI, z, Y) for _ in range(3)]
+    assert [v.item() for v in got] == [v.item() for v in want]
+    # resumed on a skipped step (the value carried over, no gradient), then the next applied one
+    assert [v.requires_grad for v in got] == [False, True, False]
+    assert got[0].item() > 0 and got[0].dtype == torch.float64
 
 
 def test_recipes_build_the_reference_terms() -> None:
