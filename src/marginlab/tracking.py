@@ -43,6 +43,11 @@ class TrackingConfig:
     ``every``: track every k-th epoch (epoch 0, 1 and the last are always tracked).
     ``save_margins_every``: also keep per-point margins (``.npz``) every k-th tracked epoch
     (0 = only at epochs 0, 1 and the last). ``params``: per-estimator options, ``{name: {key: value}}``.
+    ``bound``: a certified or min-norm *bound* tracked beside the estimates (e.g. ``"ddn"`` or ``"best"``,
+    upper bounds; ``"crown"``, a lower bound), so that a claim about the margins rests on a bound and not
+    only on an estimate; it runs on the first ``bound_n`` points of each subset, every ``bound_every``-th
+    epoch (and at epochs 0, 1 and the last), with ``bound_params``: it costs a min-norm attack per point,
+    hence the small fixed subset.
     """
 
     estimators: tuple[str, ...] = ("first-order",)
@@ -53,6 +58,10 @@ class TrackingConfig:
     save_margins_every: int = 1
     batch_size: int = 500
     params: dict[str, Any] = field(default_factory=dict)
+    bound: str | None = None
+    bound_every: int = 5
+    bound_n: int = 100
+    bound_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from marginlab.estimators.base import ESTIMATORS, validate_params
@@ -72,6 +81,23 @@ class TrackingConfig:
         check_positive("tracking.every", self.every)
         check_positive("tracking.save_margins_every", self.save_margins_every, allow_zero=True)
         check_positive("tracking.batch_size", self.batch_size)
+        self._check_bound()
+
+    def _check_bound(self) -> None:
+        from marginlab.estimators.base import ESTIMATORS, MarginKind, validate_params
+
+        if self.bound is None:
+            return
+        est = ESTIMATORS.get(self.bound)
+        require(
+            est.kind in (MarginKind.UPPER, MarginKind.LOWER),
+            f"tracking.bound {self.bound!r} is {est.kind.value}, not a bound; use e.g. ddn, best or crown",
+        )
+        require(self.bound not in self.estimators, f"tracking.bound {self.bound!r} is already an estimator")
+        require(self.p_value in est.norms, f"tracking.bound {self.bound!r} does not support p={self.p}")
+        check_positive("tracking.bound_every", self.bound_every)
+        check_positive("tracking.bound_n", self.bound_n)
+        validate_params(self.bound, self.bound_params, "tracking.bound_params")
 
     @property
     def p_value(self) -> float:
@@ -79,6 +105,10 @@ class TrackingConfig:
 
     def tracks(self, epoch: int, last: int) -> bool:
         return epoch in (0, 1, last) or epoch % self.every == 0
+
+    def bounds(self, epoch: int, last: int) -> bool:
+        """Whether the bound is measured at ``epoch`` (a tracked epoch)."""
+        return self.bound is not None and (epoch in (0, 1, last) or epoch % self.bound_every == 0)
 
     def saves(self, epoch: int, last: int) -> bool:
         k = self.save_margins_every
@@ -88,7 +118,10 @@ class TrackingConfig:
 def margin_stats(m: torch.Tensor) -> dict[str, float]:
     """Summary statistics of per-point signed margins ``m`` ``[N]`` (NaN-free input assumed)."""
     m = m.detach().double().cpu()
-    qs = torch.quantile(m, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    # linear interpolation between an infinite and a finite value is NaN: with failed attacks (±inf)
+    # present, take the nearest order statistic instead
+    how = "linear" if bool(torch.isfinite(m).all()) else "nearest"
+    qs = torch.quantile(m, torch.tensor(QUANTILES, dtype=torch.float64), interpolation=how).tolist()
     return {
         "min": float(m.min()),
         "mean": float(m.mean()),
@@ -142,17 +175,17 @@ class MarginTracker:
 
         self.cfg, self.seed, self.device = cfg, seed, device
         self.dist = dist or DistContext()
-        self.kinds = {
-            n: str(to_jsonable(getattr(ESTIMATORS.get(n), "kind", "unknown"))) for n in cfg.estimators
-        }
+        names = [*cfg.estimators, *([cfg.bound] if cfg.bound else [])]
+        self.kinds = {n: str(to_jsonable(getattr(ESTIMATORS.get(n), "kind", "unknown"))) for n in names}
         sizes = {"train": cfg.n_train, "test": cfg.n_test}
         self.subsets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for i, (split, (x, y)) in enumerate(splits.items()):
             idx = fixed_subset(len(y), sizes.get(split), seed + 7919 * (i + 1))
             self.subsets[split] = (idx, x[idx], y[idx])
 
-    def measure(self, model: nn.Module, epoch: int) -> Measurement:
-        """Margins, loss and accuracy of ``model`` on every subset (its train/eval mode is restored)."""
+    def measure(self, model: nn.Module, epoch: int, *, bound: bool = False) -> Measurement:
+        """Margins, loss and accuracy of ``model`` on every subset (its train/eval mode is restored);
+        with ``bound``, also ``cfg.bound`` on the first ``cfg.bound_n`` points of each subset."""
         was_training = model.training
         model.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -165,6 +198,9 @@ class MarginTracker:
             for split, (idx, x, y) in self.subsets.items():
                 record[split], points[split] = self._measure_split(model, x, y)
                 points[split]["index"] = idx.numpy()
+                if bound and self.cfg.bound is not None:
+                    k = min(self.cfg.bound_n, len(y))
+                    record[split]["margins"][self.cfg.bound] = self._measure_bound(model, x[:k], y[:k])
         model.train(was_training)
         return Measurement(record, points)
 
@@ -202,6 +238,30 @@ class MarginTracker:
         arrays["y"] = y.numpy()
         arrays["correct"] = correct.numpy().astype(bool)
         return rec, arrays
+
+    def _measure_bound(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """The bound's statistics on ``x [k, ...]`` (sharded over ranks like the estimates)."""
+        from marginlab.estimators import estimate_margins
+
+        assert self.cfg.bound is not None
+        n = len(y)
+        start, stop = self.dist.shard(n)
+        xs, ys = x[start:stop].to(self.device), y[start:stop].to(self.device)
+        values = xs.new_zeros(0, dtype=torch.float64)
+        if stop > start:
+            params = {self.cfg.bound: dict(self.cfg.bound_params)} if self.cfg.bound_params else None
+            res = estimate_margins(
+                model,
+                xs,
+                ys,
+                [self.cfg.bound],
+                p=self.cfg.p_value,
+                batch_size=self.cfg.batch_size,
+                params=params,
+            )
+            values = res[self.cfg.bound].values
+        full = self.dist.all_gather_shards(values.double().to(self.device), n).cpu()
+        return {"kind": self.kinds[self.cfg.bound], "n": n, **margin_stats(full)}
 
     @torch.no_grad()
     def _loss_correct(

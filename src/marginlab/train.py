@@ -166,9 +166,9 @@ def fit(
 def check_finite(epoch: int, rec: dict[str, Any], model: nn.Module) -> None:
     """Stop a diverged run before its record and checkpoint are written (the last good one stays).
 
-    Non-finite weights, a non-finite loss or accuracy, or a NaN margin statistic mean the optimisation
-    blew up: the margins of such a model mean nothing. (An infinite margin is legitimate: a min-norm
-    attack that found no adversarial reports +inf for that point.)"""
+    Non-finite weights, loss or accuracy mean the optimisation blew up: the margins of such a model mean
+    nothing. Margin statistics are not checked: an infinite margin is legitimate (a min-norm attack that
+    found no adversarial reports +inf for that point, and a mean over +inf and -inf is NaN)."""
     bad = next((name for name, v in _numbers(rec) if _diverged(name, v)), None)
     if bad is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         bad = "the weights"
@@ -178,9 +178,7 @@ def check_finite(epoch: int, rec: dict[str, Any], model: nn.Module) -> None:
 
 def _diverged(name: str, value: float) -> bool:
     leaf = name.rsplit(".", 1)[-1]
-    if any(word in leaf for word in ("loss", "objective", "acc")):
-        return not math.isfinite(value)
-    return math.isnan(value)
+    return any(word in leaf for word in ("loss", "objective", "acc")) and not math.isfinite(value)
 
 
 def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -300,7 +298,8 @@ class _Loop:
         """Measure margins into ``rec`` (and keep the per-point margins) when this epoch is tracked."""
         if self.tracker is None or not self.tracker.cfg.tracks(epoch, self.cfg.epochs):
             return
-        meas = self.tracker.measure(self.model, epoch)
+        cfg = self.tracker.cfg
+        meas = self.tracker.measure(self.model, epoch, bound=cfg.bounds(epoch, self.cfg.epochs))
         rec.update(meas.record)
         if self.rd is not None and self.dist.is_main and self.tracker.cfg.saves(epoch, self.cfg.epochs):
             save_points(self.rd.path, epoch, meas.points)

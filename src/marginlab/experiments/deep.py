@@ -159,7 +159,8 @@ def summarize(
     """The run's summary: setup, ``extra`` (clean accuracies, sizes) and the margin trends per estimator."""
     from marginlab.trends import margin_trends
 
-    trends = margin_trends(records, run_dir, cfg.tracking.estimators)
+    t = cfg.tracking
+    trends = margin_trends(records, run_dir, [*t.estimators, *([t.bound] if t.bound else [])])
     last = records[-1] if records else {}
     return {
         "dataset": cfg.data.dataset,

@@ -1,0 +1,44 @@
+"""A bound tracked beside the estimate: measured at the right epochs on the first ``bound_n`` points of
+each subset, with its kind, and equal to the same estimator run on those points by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import margin_values
+from marginlab.errors import ConfigError
+from marginlab.models import build_model
+from marginlab.tracking import MarginTracker, TrackingConfig, margin_stats
+
+
+def test_bound_schedule_and_values() -> None:
+    cfg = TrackingConfig(n_train=40, n_test=30, bound="deepfool", bound_n=12, bound_every=3)
+    assert [e for e in range(11) if cfg.bounds(e, 10)] == [0, 1, 3, 6, 9, 10]
+    torch.manual_seed(0)
+    x, y = torch.rand(100, 1, 8, 8), torch.randint(0, 3, (100,))
+    model = build_model("mlp", input_shape=(1, 8, 8), num_classes=3, widths=(16,))
+    tracker = MarginTracker(cfg, {"train": (x, y), "test": (x, y)}, seed=0, device=torch.device("cpu"))
+    rec = tracker.measure(model, 3, bound=True).record
+    for split, (_, xs, ys) in tracker.subsets.items():
+        got = rec[split]["margins"]["deepfool"]
+        assert got["kind"] == "upper bound" and got["n"] == 12
+        by_hand = margin_stats(margin_values(model, xs[:12], ys[:12], ["deepfool"])["deepfool"])
+        assert got["min"] == pytest.approx(by_hand["min"]) and got["mean"] == pytest.approx(by_hand["mean"])
+    assert "deepfool" not in tracker.measure(model, 4).record["train"]["margins"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"bound": "first-order"}, "not a bound"),
+        ({"bound": "first-order", "estimators": ("ddn",)}, "not a bound"),
+        ({"bound": "ddn", "estimators": ("ddn",)}, "already an estimator"),
+        ({"bound": "ddn", "p": "inf"}, "does not support"),
+        ({"bound": "ddn", "bound_n": 0}, "bound_n"),
+        ({"bound": "ddn", "bound_params": {"steps": -1}}, "steps"),
+    ],
+)
+def test_bad_bound_settings(kw, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrackingConfig(**kw)
