@@ -223,3 +223,19 @@ def test_a_run_piped_to_a_file_logs_one_line_per_epoch(tmp_path) -> None:
     assert run("-q") == []
     verbose = run("-v")
     assert verbose and all(" marginlab" in line for line in verbose if line[:2].isdigit())
+
+
+def test_mixed_precision_trains_close_to_float32(tmp_path) -> None:
+    """``train.amp``: bfloat16 forward passes; the run trains, and its loss stays near float32's."""
+    from conftest import tiny_train_toml, write_text
+    from marginlab.cli import main
+    from marginlab.runs import read_summary
+
+    cfg = write_text(tmp_path / "t.toml", tiny_train_toml(epochs=3))
+    losses = {}
+    for amp in ("false", "true"):
+        out = tmp_path / f"amp-{amp}"
+        assert main(["run", str(cfg), "--out", str(out), f"train.amp={amp}"]) == 0
+        losses[amp] = read_summary(out)["final_train_loss"]
+    assert losses["true"] != losses["false"]  # it really ran in another precision
+    assert abs(losses["true"] - losses["false"]) < 0.05 * losses["false"]

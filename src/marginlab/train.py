@@ -56,6 +56,9 @@ class TrainConfig:
     torch may use during training (``None`` = torch's default); 1 is much faster for tiny models and
     when several runs share a machine. CPU results are bit-for-bit reproducible for the same seed *and*
     thread count (float sums are split differently across threads), so set it when that matters.
+    ``amp``: mixed precision, the forward pass in bfloat16 (``torch.autocast``; no loss scaling is needed
+    with bfloat16, so resume stays exact); off by default, since margins late in training are small
+    differences of large logits (the tracked margins are always measured in float32).
     """
 
     epochs: int = 200
@@ -68,6 +71,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     threads: int | None = None
+    amp: bool = False
 
     def __post_init__(self) -> None:
         check_positive("train.threads", self.threads)
@@ -260,7 +264,9 @@ class _Loop:
             batch = perm[start : start + bs]
             lo, hi = dist.shard(len(batch))
             idx = batch[lo:hi]
-            feats, logits = net(x[idx])
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+                feats, logits = net(x[idx])
+            feats, logits = feats.float(), logits.float()  # losses and regularizers in float32
             if len(idx) == 0:  # more ranks than points in a last batch: join the all-reduce with zeros
                 loss = 0.0 * (feats.sum() + logits.sum())
             else:
