@@ -231,3 +231,19 @@ def test_presets_load():
         kind, cfg = build_config(load_config(CONFIGS / f"{name}.toml"))
         assert kind == "train" and cfg.model.name == "mnist-lr"
     assert BaseConfig(name="x", preset="mnist-lr-quick").model_name == "mnist-lr"
+
+
+def test_paired_ci_over_seeds_closed_form():
+    from scipy import stats
+
+    from marginlab.experiments.compare_tables import paired_ci
+
+    before, after = [1.0, 1.2, 0.9], [1.5, 1.6, 1.6]
+    d = np.array(after) - np.array(before)  # 0.5, 0.4, 0.7
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    out = paired_ci(before, after)
+    assert out["diff"] == pytest.approx(d.mean()) and out["seeds"] == 3
+    assert out["ci"] == pytest.approx([d.mean() - half, d.mean() + half]) and out["beyond_noise"]
+    assert not paired_ci([1.0, 1.2, 0.9], [1.1, 1.0, 1.0])["beyond_noise"]  # differences straddle 0
+    one = paired_ci([1.0], [2.0])
+    assert one["ci"] is None and not one["beyond_noise"] and one["diff"] == 1.0

@@ -33,6 +33,25 @@ def paired_difference(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
     return {"delta": delta, "noise_2se": 2 * se, "beyond_noise": abs(delta) > 2 * se}
 
 
+def paired_ci(before: list[float | None], after: list[float | None], level: float = 0.95) -> dict[str, Any]:
+    """Mean and ``level`` confidence interval of the paired differences ``after - before`` over seeds
+    (Student t with n-1 degrees of freedom); ``beyond_noise`` when the interval excludes 0. One seed:
+    no interval (``None``), nothing is called beyond noise."""
+    from scipy import stats
+
+    d = np.array([b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None])
+    if len(d) < 2:
+        return {
+            "diff": float(d.mean()) if len(d) else None,
+            "ci": None,
+            "seeds": len(d),
+            "beyond_noise": False,
+        }
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    lo, hi = float(d.mean()) - half, float(d.mean()) + half
+    return {"diff": float(d.mean()), "ci": [lo, hi], "seeds": len(d), "beyond_noise": lo > 0 or hi < 0}
+
+
 def _at(res: dict[str, Any], key: str, eps: float, attack: str | None = None) -> float | None:
     """A robustness figure of ``res`` at radius ``eps`` (None where it was not evaluated)."""
     values = res.get(key) if attack is None else (res.get(key) or {}).get(attack)
@@ -103,6 +122,7 @@ def collect(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
             row.update({k: _mean([m.get(k) for m in per_seed]) for k in keys})
             row.update({k: per_seed[0][k] for k in _SHARED if k not in ("warnings", "_robust")})
             row["_robust"] = np.concatenate([m["_robust"] for m in per_seed], axis=1)  # seeds side by side
+            row["_per_seed_mean_margin"] = [m.get("test_mean_margin") for m in per_seed]  # paired over seeds
             row["warnings"] = sorted({w for m in per_seed for w in m["warnings"]})
             rows.append(row)
     return rows
@@ -228,7 +248,12 @@ def _versus(std: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
         # a model that did not train (e.g. stuck at chance) is trivially "robust" where it predicts one
         # class everywhere: its margins and robust accuracy say nothing about the regularizer
         "comparable": None not in (ca, cb) and cb >= ca - MAX_ACCURACY_GAP,
-        "mean_margin": {"standard": mm[0], recipe: mm[1], "higher": None if None in mm else mm[1] > mm[0]},
+        "mean_margin": {
+            "standard": mm[0],
+            recipe: mm[1],
+            "higher": None if None in mm else mm[1] > mm[0],
+            **paired_ci(_per_seed(std), _per_seed(other)),
+        },
         "robust_accuracy": [],
     }
     for j, e in enumerate(std["eps"]):
@@ -236,14 +261,20 @@ def _versus(std: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
         entry = {"eps": e, "reference": e == std["eps_ref"], "standard": a, recipe: b}
         out["robust_accuracy"].append(entry | paired_difference(std["_robust"][j], other["_robust"][j]))
     ref = next(r for r in out["robust_accuracy"] if r["reference"])
+    margin = out["mean_margin"]
     out["beats_standard"] = {
-        "mean_margin": bool(out["comparable"] and out["mean_margin"]["higher"]),
+        "mean_margin": bool(out["comparable"] and margin["higher"]),
+        "mean_margin_beyond_noise": bool(out["comparable"] and margin["higher"] and margin["beyond_noise"]),
         "robust_accuracy": bool(out["comparable"] and ref["delta"] > 0 and ref["beyond_noise"]),
         "robust_accuracy_any_eps": bool(
             out["comparable"] and any(r["delta"] > 0 and r["beyond_noise"] for r in out["robust_accuracy"])
         ),
     }
     return out
+
+
+def _per_seed(row: dict[str, Any]) -> list[float | None]:
+    return row.get("_per_seed_mean_margin", [row.get("test_mean_margin")])
 
 
 def _finding(base: str, recipe: str, v: dict[str, Any], est: str) -> str:
@@ -268,9 +299,17 @@ def _finding(base: str, recipe: str, v: dict[str, Any], est: str) -> str:
         )
 
     margin = "raises" if mm["higher"] else "does NOT raise"
+    if mm.get("ci") is not None:
+        lo, hi = mm["ci"]
+        noise = "beyond noise" if mm["beyond_noise"] else "within noise"
+        margin_ci = (
+            f", {noise}: paired 95% CI of the difference [{lo:.3g}, {hi:.3g}] over {mm['seeds']} seeds"
+        )
+    else:
+        margin_ci = ", one seed: no confidence interval"
     text = (
-        f"{base}: {recipe} {margin} the test mean margin ({est}: {mm['standard']:.3g} -> {mm[recipe]:.3g}); "
-        f"worst-case robust accuracy: {change(ref)}"
+        f"{base}: {recipe} {margin} the test mean margin ({est}: {mm['standard']:.3g} -> {mm[recipe]:.3g}"
+        f"{margin_ci}); worst-case robust accuracy: {change(ref)}"
     )
     biggest = max(acc, key=lambda r: abs(r["delta"]))
     if biggest is not ref and biggest["beyond_noise"]:
@@ -290,7 +329,7 @@ def summarize(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "eps_ref": base.reference_eps,
             "eps": next(iter(mine.values()))["eps"],
             "recipes": {
-                k: {c: v for c, v in r.items() if c not in ("base", "recipe", "_robust")}
+                k: {c: v for c, v in r.items() if not c.startswith("_") and c not in ("base", "recipe")}
                 for k, r in mine.items()
             },
         }
