@@ -140,7 +140,7 @@ def test_an_untrained_recipe_is_not_counted_as_a_win():
     v = _versus(std, stuck)
     assert not v["comparable"] and v["robust_accuracy"][0]["beyond_noise"]
     assert v["beats_standard"] == dict.fromkeys(
-        ["mean_margin", "robust_accuracy", "robust_accuracy_any_eps"], False
+        ["mean_margin", "mean_margin_beyond_noise", "robust_accuracy", "robust_accuracy_any_eps"], False
     )
     assert "did NOT train as well" in _finding("b", "regularized", v, "first-order")
 
