@@ -170,10 +170,16 @@ def fit(
 def check_finite(epoch: int, rec: dict[str, Any], model: nn.Module) -> None:
     """Stop a diverged run before its record and checkpoint are written (the last good one stays).
 
-    Non-finite weights, loss or accuracy mean the optimisation blew up: the margins of such a model mean
-    nothing. Margin statistics are not checked: an infinite margin is legitimate (a min-norm attack that
-    found no adversarial reports +inf for that point, and a mean over +inf and -inf is NaN)."""
+    Non-finite weights, loss or accuracy, or a NaN statistic of an *estimated* or exact margin (e.g. a
+    first-order margin 0/0 once every ReLU has died), mean the optimisation blew up: the margins of such a
+    model mean nothing. Bounds from attacks are not checked: an infinite bound is legitimate (a min-norm
+    attack that found no adversarial reports +inf for that point, and a mean over +inf and -inf is NaN)."""
     bad = next((name for name, v in _numbers(rec) if _diverged(name, v)), None)
+    for split in ("train", "test"):
+        for est, st in rec.get(split, {}).get("margins", {}).items():
+            if bad is None and st.get("kind") in ("estimate", "exact"):
+                nan = [k for k, v in st.items() if isinstance(v, float) and math.isnan(v)]
+                bad = f"{split}.margins.{est}.{nan[0]}" if nan else None
     if bad is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         bad = "the weights"
     if bad is not None:
