@@ -170,7 +170,7 @@ def test_bracket_command_writes_table_summary_and_figure(tmp_path, capsys) -> No
     assert (out / "bracket.png").stat().st_size > 1000
     assert "bracket ratio" in capsys.readouterr().out
     assert main([*argv[:-4], "--estimators", "bracket,first-order", "--out", str(out)]) == 2
-    assert "bracket combines with mip only" in capsys.readouterr().err
+    assert "bracket combines with crown, best and mip only" in capsys.readouterr().err
     for bad in ("bracket.steps=3", "bracket.time_limit=-1", "bracket.domain=sphere"):
         assert main([*argv, "--param", bad]) == 2
         assert capsys.readouterr().err.count("\n") == 1

