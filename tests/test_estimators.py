@@ -115,6 +115,19 @@ def test_best_is_the_per_point_tightest_attack(linear4) -> None:
     torch.testing.assert_close(alone["best"], out["deepfool"])
 
 
+def test_default_best_is_ddn_and_fmn_and_within_one_percent_of_the_closed_form(linear4) -> None:
+    """The default ``best`` (DDN and FMN, chosen with benchmarks/bench_bounds.py) on its own and through
+    estimate_margins: the per-point minimum of the two attacks, and tight against the closed form."""
+    model, x, y = linear4
+    alone = build_estimator("best")(model, x, y)
+    out = margin_values(model, x, y, ["best"])
+    parts = margin_values(model, x, y, ["ddn", "fmn"])
+    torch.testing.assert_close(out["best"], torch.minimum(parts["ddn"], parts["fmn"]))
+    torch.testing.assert_close(alone, out["best"])
+    ratio = out["best"] / closed_form(model, x, y, 2.0)
+    assert ratio.min() >= 1 - 1e-4 and ratio.median() <= 1.01
+
+
 def test_kinds_and_registry() -> None:
     kinds = {name: ESTIMATORS.get(name).kind for name in ESTIMATORS.names()}
     assert kinds == {
