@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the poster's figures on offline data, then write an HTML report.
 #
-#   bash scripts/reproduce.sh            quick presets (CPU-friendly), all stages
+#   bash scripts/reproduce.sh            quick presets, default stages logreg mnist-mlp mnist-cnn compare:
+#                                        the trade-off on LR, MLP and CNN (about 20 minutes of CPU time)
 #   bash scripts/reproduce.sh --full     the reference settings (hundreds of epochs: meant for a GPU)
 #   bash scripts/reproduce.sh logreg     only some stages: logreg, mnist-mlp, mnist-cnn, fashion-cnn, compare
 #
@@ -20,7 +21,7 @@ for arg in "$@"; do
     *) echo "reproduce.sh: unknown argument '$arg' (see the header of this script)" >&2; exit 2 ;;
   esac
 done
-[ ${#stages[@]} -gt 0 ] || stages=(logreg mnist-mlp compare)
+[ ${#stages[@]} -gt 0 ] || stages=(logreg mnist-mlp mnist-cnn compare)
 
 bash scripts/setup.sh
 . .venv/bin/activate

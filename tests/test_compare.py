@@ -220,10 +220,11 @@ def test_config_errors(change, words):
 
 
 def test_presets_load():
-    for name in ("compare-quick", "compare-full"):
+    bases = {"mnist-lr": 1.0, "mnist-mlp": 1.0, "mnist-cnn": 2.0, "fashion-cnn": 2.0}  # reference eps
+    for name, names in (("compare-quick", ["mnist-mlp", "mnist-cnn"]), ("compare-full", list(bases))):
         _, cfg = build_config(load_config(CONFIGS / f"{name}.toml"))
-        assert [b.name for b in cfg.bases] == ["mnist-lr", "mnist-mlp", "mnist-cnn", "fashion-cnn"]
-        assert [b.reference_eps for b in cfg.bases] == [1.0, 1.0, 2.0, 2.0]
+        assert [b.name for b in cfg.bases] == names
+        assert [b.reference_eps for b in cfg.bases] == [bases[n] for n in names]
         for base in cfg.bases:
             for recipe in cfg.recipes:
                 build_config(subrun_config(base, recipe, 0))

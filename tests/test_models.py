@@ -61,6 +61,26 @@ def test_options_shape_and_classes() -> None:
     assert [m.out_features for m in wide.modules() if isinstance(m, nn.Linear)] == [7, 5, 2]
 
 
+def test_kaiming_init_draws_he_normal_weights_and_keeps_the_logits_at_scale_one() -> None:
+    torch.manual_seed(0)
+    default = build_model("mnist-cnn")
+    torch.manual_seed(0)
+    same = build_model("mnist-cnn", init="default")
+    pairs = zip(default.state_dict().values(), same.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    torch.manual_seed(0)
+    he = build_model("mnist-cnn", init="kaiming")
+    for w in linear_layers(he):  # He et al.: N(0, 2 / fan_in), fan_in = in_channels * kh * kw
+        fan_in = w[0].numel()
+        assert abs(float(w.std()) / (2 / fan_in) ** 0.5 - 1) < 0.1
+    assert all(float(m.bias.abs().max()) == 0 for m in he.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+    # the reason for the option: PyTorch's default init shrinks the signal ~sqrt(6)x per ReLU layer
+    x = torch.rand(64, 1, 28, 28)
+    assert float(default(x).std()) < 0.2 < float(he(x).std())
+    mlp = build_model("mnist-mlp", init="kaiming")
+    assert abs(float(mlp.head.weight.std()) / (2 / 1024) ** 0.5 - 1) < 0.1
+
+
 @pytest.mark.parametrize(
     ("name", "kwargs", "match"),
     [
@@ -70,6 +90,7 @@ def test_options_shape_and_classes() -> None:
         ("mlp", {"activation": "gelu"}, "unknown activation"),
         ("cnn", {"input_shape": (1, 8, 8)}, "too small"),
         ("cnn", {"dropout": 1.5}, "dropout"),
+        ("mnist-cnn", {"init": "xavier"}, "init"),
         ("lr", {"num_classes": 1}, "num_classes"),
     ],
 )
