@@ -38,6 +38,7 @@ COMPARE = {
     "bases": [{"name": "digits-mlp", "config": TRAIN, "eps": 1.0}],
     "robustness": {
         "n": 40, "steps": 10, "step_size_rel": 0.25, "sweep": [0.5, 1.0], "bound": "deepfool",
+        "attacks": ["pgd", "autoattack"],
         "aa_version": "custom", "aa_attacks": ["apgd-ce"], "aa_iters": 5, "autoattack_at": "reference",
     },
 }  # fmt: skip

@@ -83,6 +83,17 @@ def test_autoattack_custom_equals_exact_linear_margins() -> None:
     assert_matches_margins(res, exact_margins(model, x, y, 2.0))
 
 
+def test_default_stages_are_the_ddn_bound_then_autoattack_only() -> None:
+    """The defaults chosen with benchmarks/bench_eval_speed.py: DDN pre-pass, then AutoAttack 'standard'
+    (PGD only on request); here AutoAttack is cut to APGD-CE for speed, the stages are the defaults'."""
+    s = RobustnessSettings()
+    assert (s.bound, s.attacks, s.aa_version) == ("ddn", ("autoattack",), "standard")
+    model, x, y = linear_problem()
+    res = robust_accuracy(model, x, y, EPS[1:], aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=20)
+    assert res.stages == ["bound", "autoattack"] and res.bound == {"estimator": "ddn", "kind": "upper bound"}
+    assert_matches_margins(res, exact_margins(model, x, y, 2.0))
+
+
 def test_margin_bounds_skip_points_and_cap_accuracy() -> None:
     model, x, y = linear_problem()
     margins = exact_margins(model, x, y, 2.0)
@@ -106,8 +117,8 @@ def test_margin_bounds_skip_points_and_cap_accuracy() -> None:
 def test_disagreement_check_fires_when_pgd_is_weak() -> None:
     model, x, y = linear_problem()
     res = robust_accuracy(
-        model, x, y, [0.2], steps=1, step_size=1e-4, random_start=False, aa_version="custom",
-        aa_attacks=["apgd-ce"], aa_iters=20, bound=None,
+        model, x, y, [0.2], attacks=("pgd", "autoattack"), steps=1, step_size=1e-4, random_start=False,
+        aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=20, bound=None,
     )  # fmt: skip
     assert res.accuracy["pgd"][0] > res.accuracy["autoattack"][0] + 0.02
     assert any(w.startswith("autoattack broke") and "pgd alone overstates" in w for w in res.warnings)
@@ -283,7 +294,8 @@ def test_cnn_runs_both_attacks_in_linf_and_results_are_monotone() -> None:
     with torch.no_grad():
         y = model(x).argmax(1)
     res = robust_accuracy(
-        model, x, y, [0.01, 0.05, 0.3], norm="linf", steps=10, step_size=0.01, aa_version="custom",
+        model, x, y, [0.01, 0.05, 0.3], norm="linf", attacks=("pgd", "autoattack"), steps=10, step_size=0.01,
+        aa_version="custom",
         aa_attacks=["apgd-ce", "apgd-t"], aa_iters=10,
     )  # fmt: skip
     assert res.norm == "Linf" and res.clean_accuracy == 1.0
