@@ -6,7 +6,7 @@ writes ``rob/robustness.json`` and ``rob/robustness.png`` (atomically, and only 
 computed, so a bad input or a crash leaves nothing behind). The evaluation is
 :func:`marginlab.robustness.robust_accuracy`, with the same defaults as from Python::
 
-    robust_accuracy(model, x, y, [0.5, 1.0])      # DDN bound pre-pass, then PGD and AutoAttack on survivors
+    robust_accuracy(model, x, y, [0.5, 1.0])      # DDN bound pre-pass, then AutoAttack on survivors
 """
 
 from __future__ import annotations

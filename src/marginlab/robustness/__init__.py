@@ -1,8 +1,8 @@
 """Robustness evaluation: robust accuracy at fixed ε under PGD and AutoAttack (L2 and L∞), the robustness
 curve from minimal perturbations, and sanity checks that flag an evaluation which overstates robustness.
 
-    res = robust_accuracy(model, x, y, [0.5, 1.0], norm="L2")     # DDN bound, then PGD and AutoAttack
-    res.worst_case, res.accuracy["pgd"], res.warnings
+    res = robust_accuracy(model, x, y, [0.5, 1.0], norm="L2")     # DDN bound, then AutoAttack
+    res.worst_case, res.accuracy["autoattack"], res.warnings
     fig = plot_robustness(res.margin_upper(), res)
 """
 

@@ -3,8 +3,8 @@
 Used by ``marginlab robustness``, the ``compare`` experiment and the Python API alike, with the same
 honest defaults (:class:`RobustnessSettings`)::
 
-    res = robust_accuracy(model, x, y, [0.5, 1.0])              # bound pre-pass, PGD, AutoAttack
-    res.worst_case, res.accuracy["pgd"], res.warnings
+    res = robust_accuracy(model, x, y, [0.5, 1.0])              # bound pre-pass, then AutoAttack
+    res.worst_case, res.accuracy["autoattack"], res.warnings
     res.save("robustness.json"); RobustnessResult.load("robustness.json")
 
 The stages, for every ε in ascending order, on the points still robust:
@@ -12,9 +12,9 @@ The stages, for every ε in ascending order, on the points still robust:
 1. ``bound``: one minimum-norm attack (``settings.bound``, DDN for L2) gives every point an upper
    bound on its margin, for all ε at once; a point whose bound is <= ε is broken without attacking.
    The share of points whose bound exceeds ε is itself an upper bound on robust accuracy.
-2. the fixed-ε attacks (``pgd`` then ``autoattack`` by default), each only on the points that neither the
-   bound nor an earlier attack broke: an attack that fails where the bound already succeeded would add
-   cost and nothing else.
+2. the fixed-ε attacks (``autoattack`` by default; ``pgd`` first on request), each only on the points
+   that neither the bound nor an earlier attack broke: an attack that fails where the bound already
+   succeeded would add cost and nothing else.
 
 A point broken at ε stays broken at every larger ε (its adversarial example lies in the larger ball), so
 each ε starts from the previous one's survivors. ``accuracy[stage][j]`` is the accuracy after ``stage`` at
@@ -150,7 +150,7 @@ def robust_accuracy(
 ) -> RobustnessResult:
     """Robust accuracy of ``model`` (inputs ``x [N, C, H, W]`` in [0, 1] → logits [N, K]) at each ε.
 
-    ``settings`` (default :class:`RobustnessSettings`: DDN bound pre-pass, PGD, AutoAttack 'standard'),
+    ``settings`` (default :class:`RobustnessSettings`: DDN bound pre-pass, AutoAttack 'standard'),
     or its fields as keyword ``overrides`` (``attacks=("pgd",)``, ``steps=50``...). ``margin_upper [N]``:
     bounds computed elsewhere (skips the pre-pass). ``x``/``y`` may be numpy arrays; ``eps`` a number.
     """
