@@ -2,7 +2,7 @@
 # Reproduce the poster's figures on offline data, then write an HTML report.
 #
 #   bash scripts/reproduce.sh            quick presets, default stages logreg mnist-mlp mnist-cnn compare:
-#                                        the trade-off on LR, MLP and CNN (about 20 minutes of CPU time)
+#                                        the trade-off on LR, MLP and CNN (10.3 min of CPU time)
 #   bash scripts/reproduce.sh --full     the reference settings (hundreds of epochs: meant for a GPU)
 #   bash scripts/reproduce.sh logreg     only some stages: logreg, mnist-mlp, mnist-cnn, fashion-cnn, compare
 #
@@ -22,6 +22,11 @@ for arg in "$@"; do
   esac
 done
 [ ${#stages[@]} -gt 0 ] || stages=(logreg mnist-mlp mnist-cnn compare)
+
+# One torch thread unless the caller says otherwise: the quick models are small, and two threads on a
+# machine that is also busy with other work spin at every barrier (on a shared machine, the compare
+# stage's attacks on one MNIST CNN took 505 s with two threads, 25 s with one, with the same results)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 bash scripts/setup.sh
 . .venv/bin/activate
