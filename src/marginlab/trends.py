@@ -21,7 +21,10 @@ DEFINITIONS = {
     "mean_margin_falls_after_peak": "mean margin at the last epoch < its peak over the epochs >= 1",
     "share_closer": "share of the tracked points whose margin at the last epoch is below that at 'first' "
     "(from the saved per-point margins)",
+    "interpolation": f"the first tracked epoch whose training-subset accuracy is >= {0.99:.0%}: the regime "
+    "of the trade-off (the training set is fit); the '*_after_interpolation' trends start there",
 }
+INTERPOLATION_ACC = 0.99
 
 
 def margin_trends(
@@ -56,10 +59,27 @@ def margin_trends(
                 "mean_margin_falls_after_peak": means[i1] < means[ipk],
                 "share_closer": _share_closer(points, split, name, ep[i0], ep[i1]),
             }
+            t.update(_after_interpolation(records, ep, mins, means, trained))
             entry[split] = t
             findings.append(_finding(name, entry["kind"], split, t))
         margins[name] = entry
     return {"margins": margins, "findings": findings, "definitions": DEFINITIONS}
+
+
+def _after_interpolation(
+    records: list[dict[str, Any]], ep: list[int], mins: list[float], means: list[float], trained: list[int]
+) -> dict[str, Any]:
+    """The trends from the first epoch the training subset is (nearly) fit to the last one."""
+    acc = {int(r["epoch"]): r.get("train", {}).get("acc") for r in records}
+    fit = [i for i in trained if (acc.get(ep[i]) or 0.0) >= INTERPOLATION_ACC]
+    if not fit or fit[0] == trained[-1]:
+        return {"interpolation": None}
+    i0, i1 = fit[0], trained[-1]
+    return {
+        "interpolation": {"epoch": ep[i0], "min": mins[i0], "mean": means[i0]},
+        "min_margin_rises_after_interpolation": mins[i1] > mins[i0],
+        "mean_margin_falls_after_interpolation": means[i1] < means[i0],
+    }
 
 
 def _kind(records: list[dict[str, Any]], split: str, name: str) -> str:
@@ -89,6 +109,16 @@ def _finding(name: str, kind: str, split: str, t: dict[str, Any]) -> str:
     )
     if not t["mean_margin_falls"] and t["mean_margin_falls_after_peak"]:
         text += f"; it peaked at epoch {pk['epoch']} ({pk['mean']:.4g}) and fell after"
+    ip = t.get("interpolation")
+    if ip is not None:
+        rises = "rises" if t["min_margin_rises_after_interpolation"] else "does NOT rise"
+        falls = "falls" if t["mean_margin_falls_after_interpolation"] else "does NOT fall"
+        text += (
+            f"; after interpolation (epoch {ip['epoch']}) the min margin {rises} ({ip['min']:.4g} -> "
+            f"{last['min']:.4g}) and the mean {falls} ({ip['mean']:.4g} -> {last['mean']:.4g})"
+        )
+    else:
+        text += "; the training subset was never fit (no interpolation epoch before the last)"
     if t["share_closer"] is not None:
         text += f"; {100 * t['share_closer']:.0f}% of the points moved closer to the boundary"
     return text
