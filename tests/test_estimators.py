@@ -196,3 +196,17 @@ def test_exact_linear_refuses_deep_models(linear4) -> None:
     seq = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 4))
     assert build_estimator("exact-linear")(seq, x, y).shape == (len(x),)
     assert build_estimator("first-order")(seq, x[:0], y[:0]).shape == (0,)
+
+
+def test_default_best_has_an_linf_mode() -> None:
+    """DDN has no L∞ mode: the default ``best`` then combines FMN and DeepFool (both upper bounds)."""
+    from conftest import margin_values
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 4, 4), num_classes=3, widths=(8,)).eval()
+    x, y = torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    out = margin_values(model, x, y, ["fmn", "deepfool", "best"], p="inf")
+    tight = torch.where(out["fmn"].abs() < out["deepfool"].abs(), out["fmn"], out["deepfool"])
+    assert torch.equal(out["best"], tight)
+    alone = margin_values(model, x, y, ["best"], p="inf")["best"]
+    assert torch.equal(alone, tight)

@@ -72,22 +72,31 @@ def _is_attack(name: str) -> bool:
 @register("best")
 @dataclass(kw_only=True)
 class Best(Estimator):
-    """Per-point minimum over ``attacks`` (default DDN and FMN) of the perturbation norm found."""
+    """Per-point minimum over ``attacks`` of the perturbation norm found (default: DDN and FMN for L2,
+    FMN and DeepFool for L∞, where DDN has no mode)."""
 
     kind = MarginKind.UPPER
     needs = frozenset({"grad"})
-    attacks: tuple[str, ...] = DEFAULT_BEST
+    attacks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.attacks is None:
+            return
         self.attacks = tuple(self.attacks)
         bad = [a for a in self.attacks if not _is_attack(a)]
         if not self.attacks or bad:
             raise ConfigError(f"best combines attacks (upper bounds) only; not: {', '.join(bad) or '(none)'}")
 
     def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-        values = [build_estimator(a, batch_size=len(x))(model, x, y, p=p) for a in self.attacks]
+        attacks = self.attacks or default_attacks(p)
+        values = [build_estimator(a, batch_size=len(x))(model, x, y, p=p) for a in attacks]
         return combine_upper_bounds(values)
+
+
+def default_attacks(p: float) -> tuple[str, ...]:
+    """The attacks ``best`` combines when none are named: DDN and FMN for L2, FMN and DeepFool for L∞."""
+    return DEFAULT_BEST if p == 2.0 else ("fmn", "deepfool")
 
 
 def estimate_margins(
@@ -148,7 +157,11 @@ def estimate_margins(
             run(name)
     if "best" in names:
         best_params = dict(params.get("best", {}))
-        attacks = best_params.pop("attacks", None) or [n for n in names if _is_attack(n)] or DEFAULT_BEST
+        attacks = (
+            best_params.pop("attacks", None)
+            or [n for n in names if _is_attack(n)]
+            or default_attacks(norm_order(p))
+        )
         best = build_estimator("best", attacks=attacks)  # validates the names
         start = time.perf_counter()
         parts = [run(a) for a in best.attacks]
