@@ -19,8 +19,7 @@ kind = "train"
 seed = {seed}
 [data]
 dataset = "digits"
-n_train = {n_train}
-[model]
+{n_train_line}[model]
 name = "mlp"
 options = {{ widths = [{width}] }}
 [train]
@@ -38,10 +37,11 @@ n_test = 60
 
 
 def tiny_train_toml(
-    *, seed: int = 0, n_train: int = 400, width: int = 16, epochs: int = 2, lr: float = 0.05
+    *, seed: int = 0, n_train: int | None = 400, width: int = 16, epochs: int = 2, lr: float = 0.05
 ) -> str:
-    """The text of a tiny ``train`` config (see :data:`TINY_TRAIN`)."""
-    return TINY_TRAIN.format(seed=seed, n_train=n_train, width=width, epochs=epochs, lr=lr)
+    """The text of a tiny ``train`` config (see :data:`TINY_TRAIN`); ``n_train=None``: the whole split."""
+    line = "" if n_train is None else f"n_train = {n_train}\n"
+    return TINY_TRAIN.format(seed=seed, n_train_line=line, width=width, epochs=epochs, lr=lr)
 
 
 def write_text(path: Path, text: str) -> Path:

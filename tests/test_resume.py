@@ -14,37 +14,17 @@ import pytest
 import torch
 
 import marginlab.train
+from conftest import tiny_train_toml
 from marginlab.config import load_config, to_dict
 from marginlab.errors import RunDirError
 from marginlab.fsio import read_jsonl
 from marginlab.runner import build_config, resume_experiment, run_experiment
 from marginlab.runs import RunDir, read_summary
 
-CONFIG = """
-kind = "train"
-seed = 4
-[data]
-dataset = "digits"
-[model]
-name = "mlp"
-options = {{ widths = [24] }}
-[train]
-epochs = {epochs}
-batch_size = 32
-lr = 0.05
-device = "cpu"
-progress = false
-threads = 1
-[tracking]
-estimators = ["first-order"]
-n_train = 120
-n_test = 60
-"""
-
 
 def _write_config(tmp_path: Path, epochs: int) -> Path:
     path = tmp_path / f"tiny-{epochs}.toml"
-    path.write_text(CONFIG.format(epochs=epochs))
+    path.write_text(tiny_train_toml(seed=4, n_train=None, width=24, epochs=epochs))
     return path
 
 
