@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from marginlab.cli import main
-from marginlab.commands.args import parse_eps
 from marginlab.data import load_dataset, load_points
 from marginlab.errors import ConfigError
 from marginlab.estimators import estimate_margins
 from marginlab.linear import linear_margins, minimal_adversarial
 from marginlab.models import build_model
 from marginlab.robustness import robust_accuracy
+from marginlab.robustness.attacks import parse_eps
 from marginlab.robustness.evaluate import margin_upper_from_points
 from marginlab.train import TrainConfig, fit
 

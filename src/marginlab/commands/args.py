@@ -7,8 +7,6 @@ One parser per kind of value, so that every command accepts the same spellings (
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +21,6 @@ def parse_names(text: str, what: str) -> list[str]:
     if not names:
         raise ConfigError(f"give at least one {what} (a comma-separated list)")
     return names
-
-
-def parse_eps(text: str | Sequence[float]) -> list[float]:
-    """``"0.5,1,2"`` (or a list) -> sorted distinct radii; NaN, inf, negatives and junk are errors."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out: list[float] = []
-    for item in items:
-        try:
-            value = float(item)
-        except (TypeError, ValueError):
-            raise ConfigError(f"bad eps value {str(item).strip()!r}; give numbers like 0.5,1,2") from None
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"eps values must be finite and >= 0, got {str(item).strip()!r}")
-        out.append(value)
-    if not out:
-        raise ConfigError("give at least one eps value, e.g. --eps 0.5,1,2")
-    return sorted(set(out))
 
 
 def parse_indices(text: str) -> list[int]:

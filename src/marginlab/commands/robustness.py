@@ -19,11 +19,11 @@ from marginlab.commands.args import (
     check_out_dir,
     int_arg,
     load_from_args,
-    parse_eps,
     parse_names,
     set_threads,
 )
 from marginlab.robustness import RobustnessSettings
+from marginlab.robustness.attacks import parse_eps
 
 EXAMPLE = "marginlab robustness --model mnist-cnn --weights model.pt --data mnist --eps 1,2 --out rob/"
 

@@ -8,7 +8,7 @@ library quirk can never make a model look less robust than it is.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,32 @@ class RobustnessSettings:
         if p not in est.norms:
             raise ConfigError(f"bound {self.bound!r} does not support the {self.norm} norm")
         validate_params(self.bound, dict(self.bound_params), "bound_params")
+
+
+def parse_eps(value: str | float | Sequence[float]) -> list[float]:
+    """Radii from ``"0.5,1,2"``, one number or a list -> sorted distinct floats; NaN, inf, negatives,
+    booleans and junk are one-line errors. The one parser of radii (CLI, configs and Python)."""
+    items = (
+        value.split(",")
+        if isinstance(value, str)
+        else [value]
+        if isinstance(value, int | float)
+        else list(value)
+    )
+    out: list[float] = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            number = float(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"eps must be numbers like 0.5,1,2, got {str(item).strip()!r}") from None
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(f"eps must be finite and >= 0, got {str(item).strip()!r}")
+        out.append(number)
+    if not out:
+        raise ConfigError("give at least one eps value, e.g. --eps 0.5,1,2")
+    return sorted(set(out))
 
 
 # An attack: (model, x [n, ...] clean-correct, y [n], eps, settings) -> (x_adv [n, ...], notes).

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from marginlab.errors import ConfigError, RunDirError
 from marginlab.robustness import checks
-from marginlab.robustness.attacks import ATTACKS, RobustnessSettings
+from marginlab.robustness.attacks import ATTACKS, RobustnessSettings, parse_eps
 
 __all__ = ["RobustnessResult", "RobustnessSettings", "robust_accuracy"]
 
@@ -160,7 +160,7 @@ def robust_accuracy(
         s = RobustnessSettings(**overrides)
     else:
         s = dataclasses.replace(settings, **overrides) if overrides else settings
-    eps_list = _check_eps(eps)
+    eps_list = parse_eps(eps)
     x, y = prepare_inputs(x, y)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x, y = x.to(device), y.to(device)
@@ -218,18 +218,6 @@ def robust_accuracy(
         seconds=seconds,
         warnings=warnings,
     )
-
-
-def _check_eps(eps: float | Sequence[float]) -> list[float]:
-    items = [eps] if isinstance(eps, int | float) else list(eps)
-    bad = [
-        e
-        for e in items
-        if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or e < 0
-    ]
-    if bad or not items:
-        raise ConfigError(f"eps must be finite numbers >= 0 (one or a list), got {eps!r}")
-    return sorted({float(e) for e in items})
 
 
 def _bounds(model: nn.Module, x: Tensor, y: Tensor, s: RobustnessSettings, given: Any) -> Tensor | None:
