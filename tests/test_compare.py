@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from marginlab.config import load_config
-from marginlab.errors import ConfigError
+from marginlab.errors import ConfigError, MarginlabError
 from marginlab.experiments.compare import BaseConfig, merge_overrides, subrun_config, subrun_dir
 from marginlab.experiments.compare_tables import _finding, _versus, paired_difference
 from marginlab.fsio import read_json
@@ -165,6 +165,49 @@ def test_resume_skips_finished_subruns_and_redoes_missing_work(run_dir):
     assert read_summary(run_dir)["bases"]["digits-mlp"]["regularized_beats_standard"] is not None
 
 
+def test_parallel_subruns_give_the_same_results(run_dir, tmp_path):
+    """``jobs = 2``: the sub-runs train in two worker processes (one thread each, as in this process) and
+    every file they write says what the in-process comparison's files say."""
+    cfg = copy.deepcopy(COMPARE) | {"jobs": 2}
+    par = run_experiment(cfg, tmp_path / "par")
+    for recipe in COMPARE["recipes"]:
+        ours, theirs = subrun_dir(par, "digits-mlp", recipe, 0), subrun_dir(run_dir, "digits-mlp", recipe, 0)
+        assert _records(ours) == _records(theirs), recipe
+        rob = [read_json(run / "robustness.json")["points"] for run in (ours, theirs)]
+        assert rob[0] == rob[1], recipe
+    assert (par / "table.csv").read_text() == (run_dir / "table.csv").read_text()
+
+
+def _records(run: Path) -> list[dict]:
+    """The metric records of a run without their timings."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+
+def test_a_failed_parallel_subrun_is_one_error_and_keeps_the_others(tmp_path):
+    bad = copy.deepcopy(TRAIN)
+    bad["train"]["lr"] = 1e6  # diverges in its first epoch
+    cfg = copy.deepcopy(COMPARE) | {"jobs": 2, "recipes": ["standard"]}
+    cfg["bases"] = [{"name": "broken", "config": bad, "eps": 1.0}, cfg["bases"][0]]
+    with pytest.raises(MarginlabError, match=r"sub-run .*broken.standard-seed0 failed: training diverged"):
+        run_experiment(cfg, tmp_path / "run")
+    assert (subrun_dir(tmp_path / "run", "digits-mlp", "standard", 0) / "robustness.json").is_file()
+
+
+def test_attacks_use_the_subrun_thread_count(monkeypatch, tmp_path):
+    import torch
+
+    import marginlab.experiments.compare as compare
+
+    seen = []
+    monkeypatch.setattr("marginlab.runner.run_or_resume", lambda raw, path: "skip")
+    monkeypatch.setattr(compare, "evaluate_subrun", lambda *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    sub = compare.SubRun({"b": BaseConfig(name="b", config=TRAIN, eps=1.0)}, compare.RobustnessConfig())
+    sub({"train": {"threads": before + 1}}, tmp_path / "b" / "standard-seed0", "")
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
 def test_resolved_base_configs_are_embedded(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('kind = "train"\n[model]\nname = "mnist-mlp"\n[train]\nepochs = 7\n')
@@ -222,14 +265,16 @@ def test_config_errors(change, words):
 
 def test_presets_load():
     bases = {"mnist-lr": 1.0, "mnist-mlp": 1.0, "mnist-cnn": 2.0, "fashion-cnn": 2.0}  # reference eps
-    for name, names in (("compare-quick", ["mnist-mlp", "mnist-cnn"]), ("compare-full", list(bases))):
+    presets = [("compare-quick", ["mnist-mlp", "mnist-cnn"]), ("compare-medium", ["mnist-mlp"])]
+    for name, names in (*presets, ("compare-full", list(bases))):
         _, cfg = build_config(load_config(CONFIGS / f"{name}.toml"))
         assert [b.name for b in cfg.bases] == names
         assert [b.reference_eps for b in cfg.bases] == [bases[n] for n in names]
         for base in cfg.bases:
             for recipe in cfg.recipes:
                 build_config(subrun_config(base, recipe, 0))
-    for name in ("mnist-lr-quick", "mnist-lr-full"):
+    assert build_config(load_config(CONFIGS / "compare-medium.toml"))[1].seeds == (0, 1, 2)
+    for name in ("mnist-lr-quick", "mnist-lr-medium", "mnist-lr-full"):
         kind, cfg = build_config(load_config(CONFIGS / f"{name}.toml"))
         assert kind == "train" and cfg.model.name == "mnist-lr"
     assert BaseConfig(name="x", preset="mnist-lr-quick").model_name == "mnist-lr"

@@ -111,8 +111,8 @@ def test_figures_are_redrawn_from_files_alone(run_dir):
 QUICK_RATES = {"mnist-mlp-quick": 0.1}
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*-quick.toml")) + sorted(CONFIGS.glob("*-full.toml")),
-                         ids=lambda p: p.stem)  # fmt: skip
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*-quick.toml")) + sorted(CONFIGS.glob("*-medium.toml"))
+                         + sorted(CONFIGS.glob("*-full.toml")), ids=lambda p: p.stem)  # fmt: skip
 def test_presets_are_valid(path):
     if path.stem.split("-")[0] not in ("mnist", "fashion", "cifar"):
         pytest.skip("not a preset of this experiment")
@@ -126,10 +126,11 @@ def test_presets_are_valid(path):
         assert cfg.lr in (0.01, 0.005)  # the reference rates (0.005: the reference's standard CIFAR-CNN)
     if path.stem in ("mnist-cnn-quick", "fashion-cnn-quick"):  # He init: no chance-level plateau
         assert cfg.model.options == {"init": "kaiming"}
-    if path.stem.endswith("full"):
+    if path.stem.endswith(("full", "medium")):  # the reference length on the full training set
         reference_epochs = 1000 if cfg.model.name.endswith("-lr") else 200  # 1000 for linear models
-        assert cfg.train.epochs == reference_epochs
-        assert cfg.data.n_train is None and cfg.tracking.n_test == "all"
+        assert cfg.train.epochs == reference_epochs and cfg.data.n_train is None
+    if path.stem.endswith("full"):
+        assert cfg.tracking.n_test == "all"
 
 
 @pytest.mark.parametrize(

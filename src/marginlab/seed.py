@@ -1,4 +1,6 @@
-"""Seeding: one call makes CPU runs bit-for-bit reproducible; :func:`check_seed` says which seeds are valid.
+"""Seeding: one call makes CPU runs bit-for-bit reproducible; :func:`check_seed` says which seeds are valid;
+:func:`torch_threads` sets the CPU thread count for a block (CPU results depend on it: float sums are split
+differently across threads).
 
 A seed is an integer in ``[0, 2**32 - 1]``: what numpy's legacy ``np.random.seed`` accepts (torch takes any
 64-bit value, so this is the narrower of the two), and small enough that the seeds the project derives from
@@ -7,6 +9,8 @@ far inside torch's 64-bit range.
 """
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -30,3 +34,15 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Use ``threads`` CPU threads in torch inside the block (``None``: leave them), then restore."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

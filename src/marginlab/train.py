@@ -41,6 +41,7 @@ from marginlab.progress import (
     postfix,
 )
 from marginlab.runs import RunDir
+from marginlab.seed import torch_threads
 from marginlab.tracking import MarginTracker, save_points
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,7 @@ def fit(
     for metrics, checkpoints and per-point margins (rank 0 writes; ``None`` keeps everything in memory).
     ``resume``: continue from ``rd``'s checkpoint if there is one (else start over).
     """
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         model.to(device)
         optimizer = torch.optim.SGD(
             model.parameters(),
@@ -163,8 +161,6 @@ def fit(
                 loop.epoch, loop.step, loop.records = ckpt.epoch, ckpt.step, records
                 log.info("resuming after epoch %d of %d", ckpt.epoch, cfg.epochs)
         return loop.run(x.to(device), y.to(device))  # whole split on the device: indexing beats a DataLoader
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_finite(epoch: int, rec: dict[str, Any], model: nn.Module) -> None:

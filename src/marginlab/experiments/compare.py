@@ -161,9 +161,14 @@ class Config:
     recipes: tuple[str, ...] = ("standard", "constraint", "regularized")
     seeds: tuple[int, ...] = (0,)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         require(bool(self.bases), "compare needs at least one [[bases]] entry (a train preset)")
+        require(
+            isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1,
+            f"jobs must be a positive integer (sub-runs trained at once), got {self.jobs!r}",
+        )
         names = [b.name for b in self.bases]
         require(len(set(names)) == len(names), f"base names must be distinct, got {names}")
         require(
@@ -199,19 +204,70 @@ def subrun_config(base: BaseConfig, recipe: str, seed: int) -> dict[str, Any]:
 
 
 def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
-    """Train every sub-run, evaluate its robustness, write the tables; return the summary."""
+    """Train every sub-run, evaluate its robustness, write the tables; return the summary.
+
+    Seeds are the outer loop (after each seed every recipe has a finished sub-run, so an interrupted
+    comparison already holds paired results). ``cfg.jobs > 1`` trains that many sub-runs at once, each
+    in its own spawned process with ``cpu_count // jobs`` threads (:mod:`marginlab.sweep.workers`); a
+    failed sub-run is reported after the others running beside it have finished."""
     from marginlab.experiments.compare_tables import summarize, write_tables
-    from marginlab.runner import run_or_resume
 
     check_bases(cfg)
-    for base in cfg.bases:
-        for recipe in cfg.recipes:
-            for seed in cfg.seeds:
-                path = subrun_dir(rd.path, base.name, recipe, seed)
-                run_or_resume(subrun_config(base, recipe, seed), path)
-                evaluate_subrun(path, base, cfg.robustness)
+    todo = [
+        (subrun_config(base, recipe, seed), subrun_dir(rd.path, base.name, recipe, seed), "")
+        for base in cfg.bases
+        for seed in cfg.seeds
+        for recipe in cfg.recipes
+    ]
+    run_one = SubRun({b.name: b for b in cfg.bases}, cfg.robustness)
+    if cfg.jobs == 1:
+        for raw, path, mode in todo:
+            run_one(raw, path, mode)  # in this process: errors and tracebacks as they are
+    else:
+        _run_parallel(todo, run_one, cfg.jobs)
     write_tables(cfg, rd.path)
     return summarize(cfg, rd.path)
+
+
+@dataclass(frozen=True)
+class SubRun:
+    """Train (or resume, or skip) one sub-run and evaluate its robustness; picklable for worker processes.
+    The base is the sub-run directory's parent (:func:`marginlab.runs.subrun_dir`)."""
+
+    bases: dict[str, BaseConfig]
+    robustness: RobustnessConfig
+
+    def __call__(self, raw: dict[str, Any], path: Path, mode: str) -> None:
+        from marginlab.runner import run_or_resume
+        from marginlab.seed import torch_threads
+
+        run_or_resume(raw, path)
+        with torch_threads(raw.get("train", {}).get("threads")):  # the attacks too, as the training
+            evaluate_subrun(path, self.bases[path.parent.name], self.robustness)
+
+
+def _run_parallel(todo: list[tuple[dict[str, Any], Path, str]], run_one: SubRun, jobs: int) -> None:
+    """Run the sub-runs ``jobs`` at a time; raise the first failure once nothing else is running.
+    An interruption (Ctrl-C, SIGTERM) kills the workers: their sub-runs resume from their checkpoints."""
+    from contextlib import closing
+
+    from marginlab.sweep.workers import execute
+
+    failures: list[str] = []
+    with closing(execute(todo, run_one, jobs)) as events:
+        for i, outcome in events:
+            path = todo[i][1]
+            if outcome is None:
+                log.info("started sub-run %s", path)
+            elif outcome.error is None:
+                log.info("finished sub-run %s (%.0f s)", path, outcome.seconds or 0.0)
+            else:
+                if outcome.traceback:
+                    log.debug("sub-run %s failed:\n%s", path, outcome.traceback)
+                failures.append(f"sub-run {path} failed: {outcome.error}")
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise MarginlabError(failures[0] + more)
 
 
 def check_bases(cfg: Config) -> None:
