@@ -16,6 +16,7 @@ rank measures its contiguous shard of the subset and the shards are gathered on 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -145,10 +146,12 @@ def fixed_subset(n_total: int, n: int | str | None, seed: int) -> torch.Tensor:
 
 @dataclass
 class Measurement:
-    """One tracked epoch: the JSON ``record`` per split and the per-point arrays behind it (full subset)."""
+    """One tracked epoch: the JSON ``record`` per split and the per-point arrays behind it (full subset);
+    ``bound_s``: the seconds the bound took (0 when it was not measured)."""
 
     record: dict[str, Any]
     points: dict[str, dict[str, np.ndarray]]
+    bound_s: float = 0.0
 
 
 class MarginTracker:
@@ -191,6 +194,7 @@ class MarginTracker:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         record: dict[str, Any] = {}
         points: dict[str, dict[str, np.ndarray]] = {}
+        bound_s = 0.0
         # Estimators may draw random numbers; a forked, epoch-seeded stream keeps the training RNG
         # untouched (so tracking never changes training) and makes every measurement reproducible.
         with torch.random.fork_rng(devices=devices):
@@ -199,10 +203,11 @@ class MarginTracker:
                 record[split], points[split] = self._measure_split(model, x, y)
                 points[split]["index"] = idx.numpy()
                 if bound and self.cfg.bound is not None:
-                    k = min(self.cfg.bound_n, len(y))
+                    k, start = min(self.cfg.bound_n, len(y)), time.perf_counter()
                     record[split]["margins"][self.cfg.bound] = self._measure_bound(model, x[:k], y[:k])
+                    bound_s += time.perf_counter() - start
         model.train(was_training)
-        return Measurement(record, points)
+        return Measurement(record, points, bound_s)
 
     def _measure_split(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor

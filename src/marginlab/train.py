@@ -235,10 +235,13 @@ class _Loop:
                     self.step += -(-len(y) // self.cfg.batch_size)
                 rec.update(step=self.step, lr=self.lr)
                 t1 = time.perf_counter()
-                self.track(epoch, rec)
+                bound_s = self.track(epoch, rec)
                 check_finite(epoch, rec, self.model)
-                # wall-clock times live under one key that reproducibility checks ignore
+                # wall-clock times live under one key that reproducibility checks ignore; track_s
+                # includes bound_s, the tracked bound's share (tracking.bound), when it was measured
                 rec["time"] = {"train_s": t1 - t0, "track_s": time.perf_counter() - t1}
+                if bound_s:
+                    rec["time"]["bound_s"] = bound_s
                 self.records.append(rec)
                 self.epoch = epoch
                 self.end_epoch(rec, writer)
@@ -302,15 +305,17 @@ class _Loop:
             }
         return out
 
-    def track(self, epoch: int, rec: dict[str, Any]) -> None:
-        """Measure margins into ``rec`` (and keep the per-point margins) when this epoch is tracked."""
+    def track(self, epoch: int, rec: dict[str, Any]) -> float:
+        """Measure margins into ``rec`` (and keep the per-point margins) when this epoch is tracked;
+        return the seconds the tracked bound took (0 if none was measured)."""
         if self.tracker is None or not self.tracker.cfg.tracks(epoch, self.cfg.epochs):
-            return
+            return 0.0
         cfg = self.tracker.cfg
         meas = self.tracker.measure(self.model, epoch, bound=cfg.bounds(epoch, self.cfg.epochs))
         rec.update(meas.record)
         if self.rd is not None and self.dist.is_main and self.tracker.cfg.saves(epoch, self.cfg.epochs):
             save_points(self.rd.path, epoch, meas.points)
+        return meas.bound_s
 
     def end_epoch(self, rec: dict[str, Any], writer: Any) -> None:
         """Log the record and write the checkpoint (rank 0); every rank contributes its RNG state."""
