@@ -50,12 +50,17 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+def without_log_lines(err: str) -> list[str]:
+    """The lines of ``err`` that are not progress log lines (``HH:MM:SS LEVEL [run] name: ...``)."""
+    return [line for line in err.strip().splitlines() if not _LOG_LINE.match(line)]
+
+
 def one_line_error(code: int, err: str) -> str:
     """Assert the user-error contract (exit 2, one ``marginlab: error:`` line, no traceback); return it.
 
     Progress log lines (``HH:MM:SS LEVEL name: ...``, one per epoch when stderr is not a terminal) may
     precede it: they are the run's progress, not part of the error."""
-    lines = [line for line in err.strip().splitlines() if not _LOG_LINE.match(line)]
+    lines = without_log_lines(err)
     assert code == 2, (code, err)
     assert len(lines) == 1, err
     assert lines[0].startswith("marginlab: error: ") and "Traceback" not in err, err

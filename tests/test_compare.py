@@ -194,6 +194,29 @@ def test_a_failed_parallel_subrun_is_one_error_and_keeps_the_others(tmp_path):
     assert (subrun_dir(tmp_path / "run", "digits-mlp", "standard", 0) / "robustness.json").is_file()
 
 
+def test_parallel_subruns_log_lines_tagged_with_their_run(tmp_path):
+    """With jobs = 2 on the command line, each worker logs its epochs as lines naming its sub-run."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_train_toml, write_text
+
+    write_text(tmp_path / "base.toml", tiny_train_toml(epochs=2) + "[regularizer]\nbeta = 1e-3\n")
+    config = write_text(
+        tmp_path / "cmp.toml",
+        'kind = "compare"\nrecipes = ["standard", "constraint"]\njobs = 2\n'
+        '[[bases]]\nname = "tiny"\npreset = "base.toml"\neps = 1.0\n'
+        '[robustness]\nn = 20\nbound = "none"\nattacks = ["pgd"]\nsteps = 5\nsweep = [1.0]\n',
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "marginlab", "run", str(config), "--out", str(tmp_path / "run")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for recipe in ("standard", "constraint"):
+        assert f"INFO [tiny/{recipe}-seed0] marginlab.train: epoch 2/2" in proc.stderr, proc.stderr
+
+
 def test_attacks_use_the_subrun_thread_count(monkeypatch, tmp_path):
     import torch
 

@@ -207,7 +207,7 @@ def test_a_run_piped_to_a_file_logs_one_line_per_epoch(tmp_path) -> None:
     import sys
 
     from conftest import tiny_train_toml, write_text
-    from marginlab.cli import setup_logging
+    from marginlab.logs import setup_logging
 
     cfg = write_text(
         tmp_path / "t.toml", tiny_train_toml(epochs=2).replace("progress = false", "progress = true")

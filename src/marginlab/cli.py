@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from marginlab import __version__
 from marginlab.errors import MarginlabError
+from marginlab.logs import setup_logging
 
 # Sub-commands, each a module in marginlab.commands with ``register(subparsers)``.
 COMMANDS = ["run", "plot", "data", "report", "sweep", "robustness", "margins"]
@@ -41,15 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"marginlab.commands.{name}").register(sub)
     return parser
-
-
-def setup_logging(level: int) -> None:
-    """marginlab's own messages at ``level``; every other library at WARNING, so that ``-v`` shows no
-    matplotlib font-manager debug and foolbox's ``INFO root:`` lines never appear."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    logging.getLogger("marginlab").setLevel(level)
 
 
 def _is_override(arg: str) -> bool:

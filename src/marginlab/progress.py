@@ -15,6 +15,9 @@ from marginlab.errors import ConfigError
 from marginlab.runs import RunDir
 
 TENSORBOARD_DIR = "tensorboard"
+# Off in the worker processes of sweeps and comparisons: several bars on one terminal would garble it,
+# so each worker logs its epochs as lines tagged with its run instead (see marginlab.sweep.workers).
+BARS = True
 
 
 def check_tensorboard() -> None:
@@ -57,7 +60,7 @@ def log_tensorboard(writer: Any, rec: dict[str, Any]) -> None:
 
 def on_terminal() -> bool:
     """Whether progress goes to a person watching (stderr is a terminal) rather than into a file."""
-    return sys.stderr.isatty()
+    return BARS and sys.stderr.isatty()
 
 
 def postfix(rec: dict[str, Any]) -> dict[str, str]:

@@ -7,6 +7,7 @@ Workers die with the sweep and leave Ctrl-C to it (see :mod:`marginlab.sweep.sto
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -108,8 +109,11 @@ class _Worker:
         # spawn, not fork: fork would copy torch's thread pools and locks into the child.
         ctx = multiprocessing.get_context("spawn")
         reader, writer = ctx.Pipe(duplex=False)
+        level = _log_level()
         process = ctx.Process(
-            target=_worker_main, args=(writer, os.getpid(), threads, run_fn, job), name="marginlab-sweep"
+            target=_worker_main,
+            args=(writer, os.getpid(), threads, run_fn, job, level),
+            name="marginlab-sweep",
         )
         with ctrl_c_held():
             process.start()
@@ -164,10 +168,29 @@ def _death_outcome(exitcode: int | None) -> Outcome:
     return Outcome(f"the run's worker process failed (exit status {exitcode})")
 
 
-def _worker_main(conn: Connection, parent_pid: int, threads: int, run_fn: RunFn, job: Job) -> None:
+def _log_level() -> int | None:
+    """marginlab's log level in this process when logging is set up (the CLI), else ``None``."""
+    return logging.getLogger("marginlab").getEffectiveLevel() if logging.getLogger().handlers else None
+
+
+def _setup_worker_logging(level: int | None, path: Path) -> None:
+    """Log like the parent, each line tagged with the run (``base/recipe-seed0``): several workers share
+    the parent's stderr, where progress bars would overwrite each other, so the bars are off."""
+    from marginlab import progress
+    from marginlab.logs import setup_logging
+
+    progress.BARS = False
+    if level is not None:
+        setup_logging(level, tag="/".join(path.parts[-2:]))
+
+
+def _worker_main(
+    conn: Connection, parent_pid: int, threads: int, run_fn: RunFn, job: Job, level: int | None
+) -> None:
     """The body of a worker process: set the process up, run the job, send back its outcome."""
     die_with_parent(parent_pid)
     ignore_ctrl_c()
+    _setup_worker_logging(level, Path(job[1]))
     # Workers share the CPU: without this every one of them would start a thread per core.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
