@@ -113,12 +113,14 @@ def test_summary_states_the_verdict_either_way(run_dir):
     assert ref["eps"] == 1.0 and ref["delta"] == pytest.approx(delta)  # paired = unpaired on the mean
     beats = v["comparable"] and delta > 0 and ref["beyond_noise"]
     assert base["regularized_beats_standard"]["robust_accuracy"] == beats
-    (finding,) = s["findings"]
-    assert finding.startswith("digits-mlp: regularized")
-    if v["comparable"]:
-        assert ("does NOT raise" in finding) == (not higher)
+    findings = s["findings"]
+    assert all(f.startswith("digits-mlp: regularized") for f in findings)
+    if v["comparable"]:  # one sentence on the margin, one on robust accuracy
+        margin, robust = findings
+        assert ("does NOT raise" in margin) == (not higher) and "one seed: no interval" in margin
+        assert ("does NOT improve" in robust) == (delta <= 0) and "worst-case robust accuracy" in robust
     else:
-        assert "did NOT train as well" in finding
+        assert len(findings) == 1 and "did NOT train as well" in findings[0]
 
 
 def test_paired_difference_closed_form():
@@ -143,7 +145,41 @@ def test_an_untrained_recipe_is_not_counted_as_a_win():
     assert v["beats_standard"] == dict.fromkeys(
         ["mean_margin", "mean_margin_beyond_noise", "robust_accuracy", "robust_accuracy_any_eps"], False
     )
-    assert "did NOT train as well" in _finding("b", "regularized", v, "first-order")
+    assert "did NOT train as well" in _finding("b", "regularized", v, "first-order")[0]
+
+
+def test_robust_accuracy_over_seeds_needs_an_interval_that_excludes_zero():
+    """Three seeds: +10 points over 300 pooled test points is beyond the point noise, but when the
+    seeds disagree (+30, 0, 0 points) the paired interval over seeds straddles 0 and no win is claimed."""
+    robust = np.zeros((1, 300), dtype=bool)
+    better = robust.copy()
+    better[0, :30] = True  # 30 more points in seed 0 only
+    common = {"eps": [1.0], "eps_ref": 1.0, "clean_acc": 0.9}
+    std = common | {
+        "recipe": "standard",
+        "test_mean_margin": 1.0,
+        "worst@1": 0.0,
+        "_robust": robust,
+        "_per_seed_worst": [[0.0, 0.0, 0.0]],
+        "_per_seed_mean_margin": [1.0, 1.1, 0.9],
+    }
+    reg = common | {
+        "recipe": "regularized",
+        "test_mean_margin": 1.2,
+        "worst@1": 0.1,
+        "_robust": better,
+        "_per_seed_worst": [[0.3, 0.0, 0.0]],
+        "_per_seed_mean_margin": [1.2, 1.3, 1.1],
+    }
+    v = _versus(std, reg)
+    ref = v["robust_accuracy"][0]
+    assert ref["beyond_noise"] and ref["over_seeds"]["seeds"] == 3 and not ref["over_seeds"]["beyond_noise"]
+    assert v["beats_standard"]["robust_accuracy"] is False
+    assert v["beats_standard"]["mean_margin_beyond_noise"] is True  # +0.2 on every seed
+    margin, robust_text = _finding("b", "regularized", v, "first-order")
+    assert "beyond noise over 3 seeds" in margin and "within noise over 3 seeds" in robust_text
+    reg["_per_seed_worst"] = [[0.1, 0.1, 0.1]]  # the same gain on every seed: beyond noise both ways
+    assert _versus(std, reg)["beats_standard"]["robust_accuracy"] is True
 
 
 def test_resume_skips_finished_subruns_and_redoes_missing_work(run_dir):

@@ -123,6 +123,7 @@ def collect(cfg: Config, run_dir: Path) -> list[dict[str, Any]]:
             row.update({k: per_seed[0][k] for k in _SHARED if k not in ("warnings", "_robust")})
             row["_robust"] = np.concatenate([m["_robust"] for m in per_seed], axis=1)  # seeds side by side
             row["_per_seed_mean_margin"] = [m.get("test_mean_margin") for m in per_seed]  # paired over seeds
+            row["_per_seed_worst"] = [[m.get(_key("worst", e)) for m in per_seed] for e in row["eps"]]
             row["warnings"] = sorted({w for m in per_seed for w in m["warnings"]})
             rows.append(row)
     return rows
@@ -259,62 +260,87 @@ def _versus(std: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     for j, e in enumerate(std["eps"]):
         a, b = std.get(_key("worst", e)), other.get(_key("worst", e))
         entry = {"eps": e, "reference": e == std["eps_ref"], "standard": a, recipe: b}
-        out["robust_accuracy"].append(entry | paired_difference(std["_robust"][j], other["_robust"][j]))
+        entry |= paired_difference(std["_robust"][j], other["_robust"][j])  # over points (seeds pooled)
+        entry["over_seeds"] = paired_ci(*_per_seed_worst(std, other, j))  # the seeds' own spread
+        out["robust_accuracy"].append(entry)
     ref = next(r for r in out["robust_accuracy"] if r["reference"])
     margin = out["mean_margin"]
     out["beats_standard"] = {
         "mean_margin": bool(out["comparable"] and margin["higher"]),
         "mean_margin_beyond_noise": bool(out["comparable"] and margin["higher"] and margin["beyond_noise"]),
-        "robust_accuracy": bool(out["comparable"] and ref["delta"] > 0 and ref["beyond_noise"]),
+        "robust_accuracy": bool(out["comparable"] and ref["delta"] > 0 and _robust_beyond_noise(ref)),
         "robust_accuracy_any_eps": bool(
-            out["comparable"] and any(r["delta"] > 0 and r["beyond_noise"] for r in out["robust_accuracy"])
+            out["comparable"]
+            and any(r["delta"] > 0 and _robust_beyond_noise(r) for r in out["robust_accuracy"])
         ),
     }
     return out
+
+
+def _robust_beyond_noise(entry: dict[str, Any]) -> bool:
+    """A robust-accuracy change is beyond noise when it is beyond the paired noise over the test points
+    and, with two or more seeds, its paired interval over seeds excludes 0 as well."""
+    seeds = entry.get("over_seeds") or {}
+    return bool(entry["beyond_noise"] and (seeds.get("ci") is None or seeds.get("beyond_noise")))
 
 
 def _per_seed(row: dict[str, Any]) -> list[float | None]:
     return row.get("_per_seed_mean_margin", [row.get("test_mean_margin")])
 
 
-def _finding(base: str, recipe: str, v: dict[str, Any], est: str) -> str:
+def _per_seed_worst(std: dict[str, Any], other: dict[str, Any], j: int) -> tuple[list[Any], list[Any]]:
+    """Worst-case robust accuracy at the j-th radius, seed by seed, of ``std`` and ``other``."""
+
+    def values(row: dict[str, Any]) -> list[Any]:
+        per = row.get("_per_seed_worst")
+        return per[j] if per else [row.get(_key("worst", row["eps"][j]))]
+
+    return values(std), values(other)
+
+
+def _finding(base: str, recipe: str, v: dict[str, Any], est: str) -> list[str]:
+    """The verdict in words: one sentence on the mean margin, one on worst-case robust accuracy (or one
+    saying that the two recipes cannot be compared)."""
     mm, acc = v["mean_margin"], v["robust_accuracy"]
     ref = next(r for r in acc if r["reference"])
     if None in (mm["standard"], mm[recipe], ref["standard"], ref[recipe]):
-        return f"{base}: {recipe} vs standard could not be compared (missing numbers)"
+        return [f"{base}: {recipe} vs standard could not be compared (missing numbers)"]
     if not v["comparable"]:
         ca = v["clean_accuracy"]
-        return (
+        return [
             f"{base}: {recipe} did NOT train as well as standard (clean accuracy {ca[recipe]:.1%} vs "
             f"{ca['standard']:.1%}), so its margins ({mm[recipe]:.3g} vs {mm['standard']:.3g}) and robust "
             f"accuracy at eps={ref['eps']:g} ({ref[recipe]:.1%} vs {ref['standard']:.1%}) compare nothing"
-        )
-
-    def change(r: dict[str, Any]) -> str:
-        verb = "improves" if r["delta"] > 0 else "does NOT improve"
-        noise = "beyond" if r["beyond_noise"] else "within"
-        return (
-            f"{verb} it at eps={r['eps']:g} ({r['standard']:.1%} -> {r[recipe]:.1%}, {noise} the paired "
-            f"noise of {r['noise_2se']:.1%})"
-        )
-
+        ]
     margin = "raises" if mm["higher"] else "does NOT raise"
-    if mm.get("ci") is not None:
-        lo, hi = mm["ci"]
-        noise = "beyond noise" if mm["beyond_noise"] else "within noise"
-        margin_ci = (
-            f", {noise}: paired 95% CI of the difference [{lo:.3g}, {hi:.3g}] over {mm['seeds']} seeds"
-        )
-    else:
-        margin_ci = ", one seed: no confidence interval"
-    text = (
-        f"{base}: {recipe} {margin} the test mean margin ({est}: {mm['standard']:.3g} -> {mm[recipe]:.3g}"
-        f"{margin_ci}); worst-case robust accuracy: {change(ref)}"
-    )
+    robust = [_robust_change(recipe, ref)]
     biggest = max(acc, key=lambda r: abs(r["delta"]))
-    if biggest is not ref and biggest["beyond_noise"]:
-        text += f"; {change(biggest)}"
-    return text
+    if biggest is not ref and _robust_beyond_noise(biggest):
+        robust.append(_robust_change(recipe, biggest))
+    return [
+        f"{base}: {recipe} {margin} the test mean margin ({est}: {mm['standard']:.3g} -> {mm[recipe]:.3g}"
+        f"{_seeds_ci(mm, '.3g')})",
+        f"{base}: {recipe} " + "; it ".join(robust),
+    ]
+
+
+def _robust_change(recipe: str, r: dict[str, Any]) -> str:
+    verb = "improves" if r["delta"] > 0 else "does NOT improve"
+    noise = "beyond" if r["beyond_noise"] else "within"
+    return (
+        f"{verb} the worst-case robust accuracy at eps={r['eps']:g} ({r['standard']:.1%} -> "
+        f"{r[recipe]:.1%}; {noise} the paired noise over test points, {r['noise_2se']:.1%}"
+        f"{_seeds_ci(r.get('over_seeds') or {}, '+.1%')})"
+    )
+
+
+def _seeds_ci(d: dict[str, Any], fmt: str) -> str:
+    """``, beyond noise over 3 seeds: paired 95% CI of the difference [lo, hi]`` (or that there is none)."""
+    if d.get("ci") is None:
+        return "; one seed: no interval over seeds"
+    lo, hi = d["ci"]
+    noise = "beyond noise" if d["beyond_noise"] else "within noise"
+    return f"; {noise} over {d['seeds']} seeds: paired 95% CI of the difference [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 def summarize(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -339,7 +365,7 @@ def summarize(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 continue
             v = _versus(std, row)
             entry.setdefault("vs_standard", {})[recipe] = v
-            findings.append(_finding(base.name, recipe, v, std["margin_estimator"]))
+            findings += _finding(base.name, recipe, v, std["margin_estimator"])
         reg = entry.get("vs_standard", {}).get("regularized")
         entry["regularized_beats_standard"] = reg["beats_standard"] if reg else None
         bases[base.name] = entry

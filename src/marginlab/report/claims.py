@@ -161,11 +161,13 @@ def _versus(base: str, recipe: str, v: dict[str, Any]) -> list[Claim]:
     def ruled(key: str) -> str:
         return verdict(beats.get(key)) if v["comparable"] else NOT_COMPARED
 
+    seeds = mm.get("ci") is not None  # two or more seeds: the verdict rests on the interval over seeds
     claims.append(
         Claim(
-            ruled("mean_margin"),
-            f"{base}: {recipe} raises the test mean margin over standard",
-            f"{num(mm.get('standard'))} (standard) → {num(mm.get(recipe))}",
+            ruled("mean_margin_beyond_noise" if seeds else "mean_margin"),
+            f"{base}: {recipe} raises the test mean margin over standard"
+            + (" beyond the noise over seeds" if seeds else ""),
+            f"{num(mm.get('standard'))} (standard) → {num(mm.get(recipe))}" + _interval(mm, ".3g"),
         )
     )
     claims.append(
@@ -173,10 +175,19 @@ def _versus(base: str, recipe: str, v: dict[str, Any]) -> list[Claim]:
             ruled("robust_accuracy"),
             f"{base}: {recipe} raises the worst-case robust accuracy at ε = {ref['eps']:g} beyond the noise",
             f"{num(ref.get('standard'), '.1%')} (standard) → {num(ref.get(recipe), '.1%')}; paired noise "
-            f"(2 s.e.) {num(ref.get('noise_2se'), '.1%')}",
+            f"over test points (2 s.e.) {num(ref.get('noise_2se'), '.1%')}"
+            + _interval(ref.get("over_seeds") or {}, "+.1%"),
         )
     )
     return claims
+
+
+def _interval(d: dict[str, Any], fmt: str) -> str:
+    """``; paired 95% CI over 3 seeds [lo, hi]`` where there is one."""
+    if d.get("ci") is None:
+        return ""
+    lo, hi = d["ci"]
+    return f"; paired 95% CI over {d['seeds']} seeds [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 _READERS: dict[str, Callable[[dict[str, Any]], list[Claim]]] = {
