@@ -335,12 +335,19 @@ def _robust_change(recipe: str, r: dict[str, Any]) -> str:
 
 
 def _seeds_ci(d: dict[str, Any], fmt: str) -> str:
-    """``, beyond noise over 3 seeds: paired 95% CI of the difference [lo, hi]`` (or that there is none)."""
+    """``; beyond noise over 3 seeds: paired 95% CI of the difference [lo, hi]`` (or that there is none)."""
     if d.get("ci") is None:
         return "; one seed: no interval over seeds"
-    lo, hi = d["ci"]
     noise = "beyond noise" if d["beyond_noise"] else "within noise"
-    return f"; {noise} over {d['seeds']} seeds: paired 95% CI of the difference [{lo:{fmt}}, {hi:{fmt}}]"
+    return f"; {noise} over {d['seeds']} seeds: {ci_over_seeds(d, fmt)}"
+
+
+def ci_over_seeds(d: dict[str, Any], fmt: str) -> str:
+    """A :func:`paired_ci` result in words, ``paired 95% CI of the difference [lo, hi]`` ("" without one)."""
+    if d.get("ci") is None:
+        return ""
+    lo, hi = d["ci"]
+    return f"paired 95% CI of the difference [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 def summarize(cfg: Config, run_dir: Path) -> dict[str, Any]:

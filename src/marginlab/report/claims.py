@@ -183,11 +183,11 @@ def _versus(base: str, recipe: str, v: dict[str, Any]) -> list[Claim]:
 
 
 def _interval(d: dict[str, Any], fmt: str) -> str:
-    """``; paired 95% CI over 3 seeds [lo, hi]`` where there is one."""
-    if d.get("ci") is None:
-        return ""
-    lo, hi = d["ci"]
-    return f"; paired 95% CI over {d['seeds']} seeds [{lo:{fmt}}, {hi:{fmt}}]"
+    """``; paired 95% CI of the difference [lo, hi] over 3 seeds`` where there is one."""
+    from marginlab.experiments.compare_tables import ci_over_seeds
+
+    text = ci_over_seeds(d, fmt)
+    return f"; {text} over {d['seeds']} seeds" if text else ""
 
 
 _READERS: dict[str, Callable[[dict[str, Any]], list[Claim]]] = {
