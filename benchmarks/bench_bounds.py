@@ -23,7 +23,7 @@ from torch import nn
 
 from marginlab.data import load_dataset
 from marginlab.estimators import build_estimator, combine_upper_bounds
-from marginlab.models import build_model
+from marginlab.nets.models import build_model
 
 # Small enough to train in a minute on one CPU thread, and ~98% test accuracy after 3 epochs.
 ARCHS = {

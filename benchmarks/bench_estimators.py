@@ -25,7 +25,7 @@ from torch import nn
 from marginlab.data import load_dataset
 from marginlab.estimators import ESTIMATORS, build_estimator, combine_upper_bounds
 from marginlab.estimators.attacks import FMN
-from marginlab.models import build_model, load_weights
+from marginlab.nets.models import build_model, load_weights
 
 ATTACKS = ["deepfool", "ddn", "fmn", "fab"]
 REF_BATCHES, REF_SAMPLES, REF_RADIUS = 50, 1024, 5.0

@@ -1,7 +1,7 @@
 """Exact margins (``mip``) of small MLPs, every estimator's ratio to them, and margin brackets.
 
 Models: an 8x8-digits MLP 64-32-32-10 and an MNIST MLP 784-64-64-10, each trained with the three
-recipes of ``marginlab.regularizers.RECIPES`` (standard; constraint = orthogonality penalty;
+recipes of ``marginlab.training.recipes.RECIPES`` (standard; constraint = orthogonality penalty;
 regularized = average margin + orthogonality, reference weights) by a short SGD loop (Nesterov, batch
 128, one learning rate for every recipe so that the short runs compare like with like); then the
 reference MNIST-CNN (``mnist-cnn``), briefly trained, for brackets only (no exact margins).
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from marginlab.data import load_dataset
 from marginlab.estimators import ESTIMATORS, build_estimator
-from marginlab.models import MarginNet, build_model
-from marginlab.regularizers import RegularizerConfig, build_regularizers
+from marginlab.nets.models import MarginNet, build_model
+from marginlab.training.recipes import RegularizerConfig, build_regularizers
 
 RECIPES = ("standard", "constraint", "regularized")
 

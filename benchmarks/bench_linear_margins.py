@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from marginlab.errors import DataError
-from marginlab.linear import dual_exponent, linear_margins
+from marginlab.base.errors import DataError
+from marginlab.core.linear import linear_margins
+from marginlab.core.norms import Norm
 
 
 def load_inputs() -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -43,7 +44,7 @@ def loop_margins(
     w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor, p: float
 ) -> torch.Tensor:
     """The baseline: one point at a time."""
-    q = dual_exponent(p)
+    q = Norm.parse(p).q
     out = torch.empty(len(x), dtype=x.dtype)
     for i in range(len(x)):
         c = int(y[i])

@@ -15,10 +15,10 @@ import time
 
 import torch
 
+from marginlab.core.linear import binary_margins
+from marginlab.core.logistic import LogisticGD
+from marginlab.core.svm import direction_cosine, hard_margin_svm
 from marginlab.data import load_dataset
-from marginlab.linear import binary_margins
-from marginlab.logistic import LogisticGD
-from marginlab.svm import direction_cosine, hard_margin_svm
 
 
 def main() -> None:

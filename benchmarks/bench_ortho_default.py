@@ -1,6 +1,7 @@
 """Which orthogonality penalty is the default: its cost per epoch, and whether it does the exact one's job.
 
-Part (a), cost (``--part cost``): one epoch of :func:`marginlab.train.fit` (reference SGD, batch 128, no
+Part (a), cost (``--part cost``): one epoch of :func:`marginlab.training.loop.fit` (reference SGD, batch
+128, no
 margin tracking) on a seeded MNIST subset, for MNIST-MLP and MNIST-CNN, with the ``constraint`` recipe's
 penalty computed in each way below; the variants run round-robin in one process (fresh model, same seed),
 so drift on a shared machine hits all alike. Prints the median process-CPU and wall seconds per epoch over
@@ -32,10 +33,11 @@ import torch
 
 from marginlab.data import load_dataset
 from marginlab.estimators import estimate_margins
-from marginlab.models import build_model
-from marginlab.regularizers import Orthogonality, RegularizerConfig, build_regularizers, reference_lr
+from marginlab.nets.models import build_model
 from marginlab.robustness import robust_accuracy
-from marginlab.train import TrainConfig, fit
+from marginlab.training.loop import TrainConfig, fit
+from marginlab.training.recipes import RegularizerConfig, build_regularizers, reference_lr
+from marginlab.training.regularizers import Orthogonality
 
 DEFAULT = RegularizerConfig(recipe="constraint")  # whatever RegularizerConfig's defaults now pick
 EXACT = RegularizerConfig(recipe="constraint", ortho_every=1, ortho_probes=0)

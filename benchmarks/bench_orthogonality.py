@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marginlab.models import build_model
-from marginlab.regularizers import Orthogonality, Regularizer, RegularizerConfig, build_regularizers
+from marginlab.nets.models import build_model
+from marginlab.training.recipes import RegularizerConfig, build_regularizers
+from marginlab.training.regularizers import Orthogonality, Regularizer
 
 VARIANTS: dict[str, RegularizerConfig | None] = {
     "none": None,

@@ -1,6 +1,6 @@
 """Overhead of the ``regularized`` recipe per training epoch, against ``standard``, through the real loop.
 
-One epoch of :func:`marginlab.train.fit` (reference SGD settings, batch 128, no margin tracking) on a
+One epoch of :func:`marginlab.training.loop.fit` (reference SGD settings, batch 128, no margin tracking) on a
 seeded MNIST subset, for MNIST-MLP and MNIST-CNN, with the recipes and orthogonality variants below. The
 variants run round-robin in one process (fresh model each time, same seed), so machine drift hits all
 of them alike; the script prints the median wall-clock and process-CPU seconds per epoch over the repeats
@@ -20,9 +20,9 @@ import time
 import torch
 
 from marginlab.data import load_dataset
-from marginlab.models import build_model
-from marginlab.regularizers import RegularizerConfig, build_regularizers, reference_lr
-from marginlab.train import TrainConfig, fit
+from marginlab.nets.models import build_model
+from marginlab.training.loop import TrainConfig, fit
+from marginlab.training.recipes import RegularizerConfig, build_regularizers, reference_lr
 
 VARIANTS: dict[str, RegularizerConfig] = {
     "standard": RegularizerConfig(recipe="standard"),

@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from marginlab.fsio import read_jsonl
-from marginlab.runs import METRICS
+from marginlab.base.fsio import read_jsonl
+from marginlab.lab.runs import METRICS
 
 
 def cost(records: list[dict[str, Any]]) -> dict[str, float]:

@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marginlab.config import load_config
-from marginlab.errors import ConfigError, MarginlabError
-from marginlab.experiments.compare import BaseConfig, merge_overrides, subrun_config, subrun_dir
-from marginlab.experiments.compare_tables import _finding, _versus, paired_difference
-from marginlab.fsio import read_json
+from marginlab.base.config import load_config, merge_overrides
+from marginlab.base.errors import ConfigError, MarginlabError
+from marginlab.base.fsio import read_json
+from marginlab.core.stats import paired_difference
+from marginlab.experiments import build_config, resume_experiment, run_experiment
+from marginlab.experiments.compare_config import BaseConfig, RobustnessConfig, subrun_config
+from marginlab.experiments.compare_verdicts import _finding, _versus
+from marginlab.lab.runs import read_config, read_summary, subrun_dir
 from marginlab.robustness.evaluate import margin_upper_from_points
-from marginlab.runner import build_config, resume_experiment, run_experiment
-from marginlab.runs import read_config, read_summary
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -250,7 +251,7 @@ def test_parallel_subruns_log_lines_tagged_with_their_run(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     for recipe in ("standard", "constraint"):
-        assert f"INFO [tiny/{recipe}-seed0] marginlab.train: epoch 2/2" in proc.stderr, proc.stderr
+        assert f"INFO [tiny/{recipe}-seed0] marginlab.training.loop: epoch 2/2" in proc.stderr, proc.stderr
 
 
 def test_attacks_use_the_subrun_thread_count(monkeypatch, tmp_path):
@@ -259,10 +260,10 @@ def test_attacks_use_the_subrun_thread_count(monkeypatch, tmp_path):
     import marginlab.experiments.compare as compare
 
     seen = []
-    monkeypatch.setattr("marginlab.runner.run_or_resume", lambda raw, path: "skip")
+    monkeypatch.setattr("marginlab.experiments.compare.run_or_resume", lambda raw, path: "skip")
     monkeypatch.setattr(compare, "evaluate_subrun", lambda *a: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
-    sub = compare.SubRun({"b": BaseConfig(name="b", config=TRAIN, eps=1.0)}, compare.RobustnessConfig())
+    sub = compare.SubRun({"b": BaseConfig(name="b", config=TRAIN, eps=1.0)}, RobustnessConfig())
     sub({"train": {"threads": before + 1}}, tmp_path / "b" / "standard-seed0", "")
     assert seen == [before + 1] and torch.get_num_threads() == before
 
@@ -276,7 +277,7 @@ def test_resolved_base_configs_are_embedded(tmp_path):
     }
     _, cfg = build_config(raw)
     assert cfg.bases[0].config["train"]["epochs"] == 3 and cfg.bases[0].reference_eps == 1.0
-    from marginlab.config import to_dict
+    from marginlab.base.config import to_dict
 
     saved = {"kind": "compare", **to_dict(cfg)}
     preset.write_text('kind = "train"\n[train]\nepochs = 99\n')  # the preset changes afterwards...
@@ -342,7 +343,7 @@ def test_presets_load():
 def test_paired_ci_over_seeds_closed_form():
     from scipy import stats
 
-    from marginlab.experiments.compare_tables import paired_ci
+    from marginlab.core.stats import paired_ci
 
     before, after = [1.0, 1.2, 0.9], [1.5, 1.6, 1.6]
     d = np.array(after) - np.array(before)  # 0.5, 0.4, 0.7

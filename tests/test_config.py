@@ -5,8 +5,8 @@ from typing import Literal
 
 import pytest
 
-from marginlab.config import apply_overrides, from_dict, load_toml, parse_value, to_dict
-from marginlab.errors import ConfigError
+from marginlab.base.config import apply_overrides, from_dict, load_toml, parse_value, to_dict
+from marginlab.base.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Bound propagation (``marginlab.bounds``) and the ``crown`` estimator: exact on linear models, sound by
-sampling inside the certified balls, never above the attacks' upper bounds."""
+"""Bound propagation (``marginlab.bounds``) and the ``crown`` estimator: exact on linear models,
+sound by sampling inside the certified balls, never above the attacks' upper bounds."""
 
 import math
 
@@ -7,11 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.bounds import lower_bounds, margin_spec, network_ops
-from marginlab.errors import ConfigError
+import marginlab.bounds
+from marginlab.base.errors import ConfigError
+from marginlab.bounds import crown, domain, network, ops
+from marginlab.bounds.crown import lower_bounds, margin_spec
+from marginlab.bounds.network import network_ops
+from marginlab.core.linear import linear_margins
 from marginlab.estimators import build_estimator, combine_upper_bounds
-from marginlab.linear import linear_margins
-from marginlab.models import build_model
+from marginlab.nets.models import build_model
 
 NORMS = [2.0, math.inf]
 
@@ -173,3 +176,26 @@ def test_unsupported_layers_and_domains_are_config_errors() -> None:
         build_estimator("crown")(model, torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ConfigError, match="domain"):
         build_estimator("crown", domain="sphere")
+
+
+# the public names of the 0.1 module ``marginlab.bounds`` and the module of the package that holds each now
+OLD_BOUNDS_NAMES = {
+    "DOMAINS": domain, "parse_domain": domain, "InputSet": domain,
+    "Shape": ops, "Op": ops, "Affine": ops, "Dense": ops, "Conv": ops, "Scale": ops, "Reshape": ops,
+    "ReLU": ops, "MaxPool": ops,
+    "SUPPORTED": network, "network_ops": network,
+    "CROWN_BUDGET": crown, "layer_bounds": crown, "lower_bounds": crown, "margin_spec": crown,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OLD_BOUNDS_NAMES))
+def test_the_names_of_the_old_bounds_module_still_resolve(name: str) -> None:
+    """``marginlab.bounds.lower_bounds`` (0.1, when ``bounds`` was one module) still works, with a warning."""
+    new = OLD_BOUNDS_NAMES[name]
+    with pytest.warns(DeprecationWarning, match=f"marginlab.bounds.{name} is deprecated; use {new.__name__}"):
+        assert getattr(marginlab.bounds, name) is getattr(new, name)
+
+
+def test_unknown_names_of_the_bounds_package_are_attribute_errors() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        marginlab.bounds.nope  # noqa: B018

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from conftest import idx_bytes
+from marginlab.base.errors import DataError
 from marginlab.data import checksums, load_dataset
 from marginlab.data.download import download
 from marginlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, find_idx_pair, read_idx
 from marginlab.data.safe_pickle import load_numpy_pickle
-from marginlab.errors import DataError
 
 RNG = np.random.default_rng(0)
 

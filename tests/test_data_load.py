@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import idx_bytes
+from marginlab.base.errors import ConfigError, DataError
 from marginlab.data import DATASETS, data_dir_default, load_dataset, mnist
 from marginlab.data.checksums import OFFICIAL, FileSums
 from marginlab.data.fashion import CLASSES as FASHION_CLASSES
 from marginlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_stems
 from marginlab.data.subsets import resolve_classes
-from marginlab.errors import ConfigError, DataError
 
 
 def fake_mnist(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:

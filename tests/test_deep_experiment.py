@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from marginlab.config import load_config
-from marginlab.errors import ConfigError, DataError
-from marginlab.fsio import read_jsonl
-from marginlab.runner import build_config, plot_run, run_experiment
-from marginlab.runs import read_summary
-from marginlab.tracking import QUANTILES, load_points
+from marginlab.base.config import load_config
+from marginlab.base.errors import ConfigError, DataError
+from marginlab.base.fsio import read_jsonl
+from marginlab.experiments import build_config, plot_run, run_experiment
+from marginlab.lab.runs import read_summary
+from marginlab.training.tracking import QUANTILES, load_points
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

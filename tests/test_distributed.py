@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import marginlab.runner
-from marginlab.checkpoint import load_checkpoint
-from marginlab.config import load_config
-from marginlab.fsio import read_jsonl
-from marginlab.runner import run_experiment
-from marginlab.runs import read_summary
+import marginlab.lab.runner
+from marginlab.base.config import load_config
+from marginlab.base.fsio import read_jsonl
+from marginlab.experiments import run_experiment
+from marginlab.lab.runs import read_summary
+from marginlab.training.checkpoint import load_checkpoint
 
 CONFIG = """
 kind = "train"
@@ -51,11 +51,11 @@ gamma = 5.0
 # Stand-in for a rank-aware runner: rank 0 alone creates and writes the run directory.
 LAUNCHER = """
 import sys
-from marginlab.config import load_config, to_dict
-from marginlab.distributed import env_rank
+from marginlab.base.config import load_config, to_dict
+from marginlab.base.distributed import env_rank
 from marginlab.experiments import deep
-from marginlab.runner import build_config
-from marginlab.runs import RunDir
+from marginlab.experiments import build_config
+from marginlab.lab.runs import RunDir
 
 kind, cfg = build_config(load_config(sys.argv[1]))
 rd = RunDir.create(sys.argv[2], {"kind": kind, **to_dict(cfg)}) if env_rank() == 0 else RunDir(sys.argv[2])
@@ -119,7 +119,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, config, single):
 
 
 @pytest.mark.skipif(
-    "is_main_process" not in Path(marginlab.runner.__file__).read_text(),
+    "is_main_process" not in Path(marginlab.lab.runner.__file__).read_text(),
     reason="runner.py is not rank-aware yet (needs the proposed patch: rank 0 alone creates the run dir)",
 )
 def test_torchrun_cli_matches_single_process(tmp_path, config, single):

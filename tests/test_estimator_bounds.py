@@ -9,9 +9,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from conftest import margin_values
-from marginlab.errors import ConfigError
+from marginlab.base.errors import ConfigError
 from marginlab.estimators.lipschitz import conv_power_iteration, conv_spectral_bound, feature_lipschitz
-from marginlab.models import build_model
+from marginlab.nets.models import build_model
 
 ATTACKS = ["deepfool", "ddn", "fmn", "fab"]
 

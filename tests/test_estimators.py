@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import margin_values
-from marginlab.errors import ConfigError
+from marginlab.base.errors import ConfigError
 from marginlab.estimators import ESTIMATORS, MarginKind, build_estimator
-from marginlab.models import build_model
+from marginlab.nets.models import build_model
 
 SHAPE = (1, 6, 6)
 

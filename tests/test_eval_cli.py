@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from marginlab.base.errors import ConfigError
 from marginlab.cli import main
+from marginlab.core.linear import linear_margins, minimal_adversarial
 from marginlab.data import load_dataset, load_points
-from marginlab.errors import ConfigError
 from marginlab.estimators import estimate_margins
-from marginlab.linear import linear_margins, minimal_adversarial
-from marginlab.models import build_model
+from marginlab.nets.models import build_model
 from marginlab.robustness import robust_accuracy
 from marginlab.robustness.attacks import parse_eps
 from marginlab.robustness.evaluate import margin_upper_from_points
-from marginlab.train import TrainConfig, fit
+from marginlab.training.loop import TrainConfig, fit
 
 WIDTH = ["--option", "widths=[16]"]
 
@@ -137,7 +137,9 @@ def test_robustness_command(mlp, tmp_path, capsys):
 def test_evaluate_robustness_agrees_with_exact_linear_margins():
     """Against the closed form on a linear model: a point whose exact margin exceeds eps always survives
     (adversarial examples are verified), and a point whose closed-form minimal adversarial lies inside
-    the image box with norm below eps is broken (DeepFool, exact up to its overshoot on linear models)."""
+    the image box with norm below eps is broken (DeepFool, exact up to its overshoot on linear models).
+    So the reported worst case is the share of points with exact margin > eps, up to the few points
+    within the overshoot of eps."""
     model = _train("lr", squeeze=True)
     data, _ = load_points("digits", "test", n=120, seed=1)
     x, y = _squeeze(data.x), data.y
@@ -152,7 +154,9 @@ def test_evaluate_robustness_agrees_with_exact_linear_margins():
         assert robust[j][exact > e * (1 + 1e-4)].all()
         breakable = (exact > 0) & (exact < e / 1.05) & in_box  # DeepFool overshoots by 2%
         assert breakable.sum() >= 3 and not robust[j][breakable].any()
-        assert res.worst_case[j] == pytest.approx(robust[j].mean())
+        sure = np.mean(exact > e * (1 + 1e-4))  # robust for certain
+        possible = np.mean((exact >= e / 1.05) | (~in_box & (exact > 0)))  # not broken by DeepFool
+        assert sure <= res.worst_case[j] <= possible and possible - sure <= 0.05
 
 
 @pytest.mark.parametrize("bad", ["", "a,1", "nan", "inf", "-1", "1,,"])

@@ -9,8 +9,9 @@ import torch
 from scipy.optimize import linprog, minimize
 from torch import nn
 
-from marginlab.errors import ConfigError, DataError
-from marginlab.linear import binary_margins, dual_exponent, linear_margins, minimal_adversarial
+from marginlab.base.errors import ConfigError, DataError
+from marginlab.core.linear import binary_margins, linear_margins, minimal_adversarial
+from marginlab.core.norms import Norm
 
 P_NORMS = [1, 2, math.inf]
 
@@ -58,13 +59,13 @@ def _pairwise_rows(w, b, x, y):
     + [(math.inf, 1.0), ("inf", 1.0), ("linf", 1.0), (" Linf ", 1.0)],
 )
 def test_dual_exponent_accepts_aliases(p, expected):
-    assert dual_exponent(p) == expected
+    assert Norm.parse(p).q == expected
 
 
 @pytest.mark.parametrize("p", [3, 0.5, "l3", "", "two"])
 def test_dual_exponent_rejects_other_norms(p):
     with pytest.raises(ConfigError):
-        dual_exponent(p)
+        Norm.parse(p)
 
 
 @pytest.mark.parametrize("p", P_NORMS)
@@ -89,7 +90,7 @@ def test_misclassified_points_bound_distance_to_region(p):
     for k, exact in [(2, True), (5, False)]:
         w, b, x, y = _model(k=k, n=30, seed=2)
         m = linear_margins(w, b, x, y, p=p)
-        strict = 0
+        checked = strict = 0
         for i in torch.nonzero(m < 0).flatten().tolist():
             a, g = _pairwise_rows(w, b, x[i], int(y[i]))
             dist = _min_norm(-a, g, p)  # x + delta in F_y  <=>  -a @ delta <= g
@@ -97,7 +98,10 @@ def test_misclassified_points_bound_distance_to_region(p):
             if exact:
                 assert -m[i].item() == pytest.approx(dist, rel=1e-6)
             strict += -m[i].item() < dist * (1 - 1e-3)
-        assert exact or strict > 0  # for K >= 3 the bound is not always tight
+            checked += 1
+        assert checked >= 3, f"K={k}: only {checked} misclassified points to check"
+        if not exact:  # for K >= 3 the bound is not always tight: some point shows it
+            assert strict > 0
 
 
 def test_multiclass_matches_per_point_loop():

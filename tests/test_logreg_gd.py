@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from marginlab.errors import ConfigError
-from marginlab.experiments import logreg_gd
+from marginlab.base.errors import ConfigError
+from marginlab.core.logistic import LogisticGD, smoothness_constant
+from marginlab.experiments import logreg_gd, resume_experiment, run_experiment
 from marginlab.experiments.logreg_gd import Config, record_epochs, snapshot_epochs
-from marginlab.logistic import LogisticGD, smoothness_constant
-from marginlab.runner import resume_experiment, run_experiment
 
 
 def _mean_logistic_loss(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,7 +93,7 @@ def test_large_and_normalized_steps_converge_to_the_svm(
 ) -> None:
     """Beyond 2/L, GD still converges in direction to the SVM; normalised GD gets there in few steps
     and stays finite after every sigmoid has underflowed (its update is computed in log space)."""
-    from marginlab.svm import direction_cosine, hard_margin_svm
+    from marginlab.core.svm import direction_cosine, hard_margin_svm
 
     x, y = _two_d_separable()
     svm = hard_margin_svm(x, y)
@@ -125,7 +124,7 @@ def _two_d_separable() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_gd_converges_in_direction_to_the_hard_margin_svm() -> None:
-    from marginlab.svm import direction_cosine, hard_margin_svm
+    from marginlab.core.svm import direction_cosine, hard_margin_svm
 
     x, y = _two_d_separable()
     svm = hard_margin_svm(x, y)
@@ -146,7 +145,7 @@ def test_gd_converges_in_direction_to_the_hard_margin_svm() -> None:
 
 def _gd_cosines(x: torch.Tensor, y: torch.Tensor, svms: list) -> list[list[float]]:
     """Cosine of GD's (w, b) with each SVM's (w, b), at 12 log-spaced steps up to 20,000."""
-    from marginlab.svm import direction_cosine
+    from marginlab.core.svm import direction_cosine
 
     gd = LogisticGD(x, y, torch.zeros(x.shape[1]).double(), 0.0, step_fraction=0.99)
     out, done = [], 0
@@ -160,7 +159,7 @@ def _gd_cosines(x: torch.Tensor, y: torch.Tensor, svms: list) -> list[list[float
 
 def test_with_a_bias_gd_goes_to_the_svm_whose_bias_is_penalised() -> None:
     """Shifted off the origin, the two SVMs differ (cosine 0.969) and GD follows the bias-penalised one."""
-    from marginlab.svm import direction_cosine, hard_margin_svm
+    from marginlab.core.svm import direction_cosine, hard_margin_svm
 
     x, y = _two_d_separable()
     x = x + torch.tensor([2.0, 1.0], dtype=torch.float64)

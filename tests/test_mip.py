@@ -11,12 +11,14 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from marginlab.base.errors import ConfigError
+from marginlab.bounds.milp import network_blocks
+from marginlab.bounds.network import network_ops
 from marginlab.cli import main
-from marginlab.errors import ConfigError
+from marginlab.core.linear import linear_margins
 from marginlab.estimators import build_estimator, combine_upper_bounds
-from marginlab.estimators.mip import VERIFY_TOL, _blocks, _float64_copy, _Setup, require_scip, solve_point
-from marginlab.linear import linear_margins
-from marginlab.models import build_model
+from marginlab.estimators.mip import VERIFY_TOL, _float64_copy, _Setup, require_scip, solve_point
+from marginlab.nets.models import build_model
 
 pytest.importorskip("pyscipopt")
 
@@ -64,10 +66,8 @@ def test_mip_l1_equals_the_closed_form_on_a_linear_model() -> None:
     x = torch.rand(5, 1, 2, 3, dtype=torch.float64)
     y = model(x).argmax(1)
     exact = linear_margins(model.head.weight, model.head.bias, x, y, p=1)
-    from marginlab.bounds import network_ops
-
     ops = network_ops(model, (1, 2, 3))
-    setup = _Setup(ops, _blocks(ops), 1.0, False, 30.0)
+    setup = _Setup(ops, network_blocks(ops), 1.0, False, 30.0)
     for i in range(5):
         r = solve_point(model, setup, x[i], int(y[i]), int(y[i]), 10.0)
         assert r.status == "exact" and r.verified
@@ -117,18 +117,37 @@ def test_the_box_only_removes_perturbations() -> None:
 
 
 def test_time_limit_reports_a_bracket() -> None:
+    """A net whose hardest point SCIP needs seconds to close (over 10 s here) but finds a perturbation for
+    in ~0.2 s: the time limit grows until some point stops at it with a perturbation found, which must
+    then be reported as an honest bracket ``lower < upper`` (upper: that perturbation's norm, no more than
+    the initial attack's). On a machine too slow (or fast) for every limit tried the test fails."""
     torch.manual_seed(3)
     model = build_model("mlp", input_shape=(1, 6, 6), widths=(40, 40), num_classes=5).eval()
     x = torch.rand(3, 1, 6, 6)
     with torch.no_grad():
         y = model(x).argmax(1)
-    mip = build_estimator("mip", time_limit=0.05)
-    got = mip(model, x, y, p=2)
-    for value, r in zip(got.tolist(), mip.last_details, strict=True):
-        assert r.status in ("exact", "time limit", "unsolved")
-        assert 0 <= r.lower <= r.upper * (1 + 1e-9) and value == r.upper
-        if r.status == "time limit":
-            assert r.lower < r.upper
+    radius = build_estimator("deepfool")(model, x, y, p=math.inf).abs()  # the initial radius of mip
+    bracketed = []
+    for limit in (0.1, 0.3, 1.0, 3.0):
+        mip = build_estimator("mip", time_limit=limit)
+        got = mip(model, x, y, p=math.inf)
+        for i, (value, r) in enumerate(zip(got.tolist(), mip.last_details, strict=True)):
+            assert r.status in ("exact", "time limit", "unsolved")
+            assert 0 <= r.lower <= r.upper * (1 + 1e-9) and value == r.upper
+            assert r.upper <= radius[i].item() * (1 + 1e-5)
+            if r.status == "time limit":
+                bracketed.append(limit)
+                assert r.lower < r.upper and r.seconds >= 0.9 * limit  # it stopped because time ran out
+                assert r.delta is not None and r.verified
+                assert math.isclose(float(r.delta.abs().max()), r.upper, rel_tol=1e-9)
+                adv = x[i].double() + r.delta  # the perturbation, checked by a forward pass here
+                assert adv.min() >= -1e-9 and adv.max() <= 1 + 1e-9
+                with torch.no_grad():
+                    logits = _float64_copy(model)(adv[None])[0]
+                assert logits[r.target] >= logits[y[i]] - VERIFY_TOL
+        if bracketed:
+            break
+    assert bracketed, "no point stopped at the time limit with a perturbation found: the branch never ran"
 
 
 def test_missing_solver_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,12 +19,16 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab import model_io
+from marginlab.base.errors import ConfigError
 from marginlab.cli import main
 from marginlab.data import load_points as load_eval_data
-from marginlab.errors import ConfigError
 from marginlab.estimators import estimate_margins
-from marginlab.models import build_model, check_options, load_weights
+from marginlab.experiments import run_experiment
+from marginlab.experiments.deep import ModelConfig
+from marginlab.nets import loading, preprocess, spec, usercode
+from marginlab.nets.loading import load_model
+from marginlab.nets.models import build_model, check_options, load_weights
+from marginlab.nets.preprocess import Normalize, parse_preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 N = 30
@@ -146,18 +150,18 @@ def test_preprocess_folds_normalisation_into_the_model(net_file, data, tmp_path)
     )  # fmt: skip
     np.testing.assert_allclose(got, _first_order(ref, data), rtol=1e-6)
     assert summary["loaded_model"]["preprocess"] == {"mean": [0.1307], "std": [0.3081]}
-    loaded = model_io.load_model(
+    loaded = load_model(
         f"{net_file}:SmallCNN", tmp_path / "w.pt", num_classes=10, input_shape=(1, 8, 8),
-        options={"width": 4}, preprocess=model_io.parse_preprocess("mean=0.1307,std=0.3081"),
+        options={"width": 4}, preprocess=parse_preprocess("mean=0.1307,std=0.3081"),
     )  # fmt: skip
     first = next(iter(loaded.model.children()))
-    assert isinstance(first, model_io.Normalize) and first.mean.shape == first.std.shape == (1, 1, 1, 1)
+    assert isinstance(first, Normalize) and first.mean.shape == first.std.shape == (1, 1, 1, 1)
     assert not loaded.model.training
 
 
 def test_preprocess_per_channel():
-    pre = model_io.parse_preprocess("mean=0.49,0.48,0.45,std=0.25,0.24,0.26")
-    norm = model_io.Normalize(pre["mean"], pre["std"])
+    pre = parse_preprocess("mean=0.49,0.48,0.45,std=0.25,0.24,0.26")
+    norm = Normalize(pre["mean"], pre["std"])
     x = torch.rand(2, 3, 4, 4)
     want = (x - torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1)) / torch.tensor([0.25, 0.24, 0.26]).view(
         1, 3, 1, 1
@@ -165,9 +169,9 @@ def test_preprocess_per_channel():
     torch.testing.assert_close(norm(x), want)
     for bad in ("mean=a", "avg=0.1", "std=0", "0.5", "mean=0.1,mean=0.2", "std=nan"):
         with pytest.raises(ConfigError, match="--preprocess"):
-            model_io.parse_preprocess(bad)
+            parse_preprocess(bad)
     with pytest.raises(ConfigError, match="3 values; the data have 1 channels"):
-        model_io.load_model("lr", None, num_classes=10, input_shape=(1, 8, 8), preprocess=pre)
+        load_model("lr", None, num_classes=10, input_shape=(1, 8, 8), preprocess=pre)
 
 
 def test_factory_in_a_module_without_num_classes(net_file, data, tmp_path, monkeypatch):
@@ -238,7 +242,7 @@ def test_nested_checkpoint_with_foreign_names(data, tmp_path, caplog):
     ref = _mlp(5)
     ckpt = {"epoch": 90, "best_acc": np.float64(0.97), "checkpoint": {"state_dict": _foreign(ref)}}
     torch.save(ckpt, tmp_path / "ckpt.pth")
-    with caplog.at_level(logging.INFO, logger="marginlab.weights"):
+    with caplog.at_level(logging.INFO, logger="marginlab.nets.weights"):
         got, summary = _cli_margins(tmp_path, *MLP, "--weights", str(tmp_path / "ckpt.pth"))
     np.testing.assert_array_equal(got, _first_order(ref, data))
     rec = summary["loaded_model"]
@@ -299,7 +303,7 @@ BAD = {
         "2 checkpoint tensors to pair in order with 4 model tensors (first unpaired: model key "
         "'head.weight')",
     ),
-    "pickled module": (["--weights", "{full}"], "pickled Python objects (marginlab.models.MarginNet)"),
+    "pickled module": (["--weights", "{full}"], "pickled Python objects (marginlab.nets.models.MarginNet)"),
     "two state dicts": (["--weights", "{two}"], "several state_dicts (a, b)"),
     "unused key map": (["--weights", "{wide}", "--key-map", "nope.=phi."], "prefix 'nope.' matches no"),
     "string option": (["--option", 'widths="abc"', "--weights", "{wide}"], "'widths' must be a list of int"),
@@ -368,9 +372,6 @@ def test_robustness_records_what_was_loaded(data, tmp_path):
 
 
 def test_train_config_takes_a_python_spec(net_file, tmp_path):
-    from marginlab.experiments.deep import ModelConfig
-    from marginlab.runner import run_experiment
-
     ModelConfig(name=f"{net_file}:SmallCNN", options={"width": 2})
     with pytest.raises(ConfigError, match="'width' must be int"):
         ModelConfig(name=f"{net_file}:SmallCNN", options={"width": "2"})
@@ -424,3 +425,23 @@ def test_options_are_checked_against_annotations(options, match):
     else:
         with pytest.raises(ConfigError, match=match):
             check_options(_factory, options, "model 'f'")
+
+
+def test_the_old_model_io_module_still_imports(monkeypatch):
+    """``marginlab.model_io`` (0.1) imports as :mod:`marginlab.nets.loading`, with a DeprecationWarning; each
+    of its public names resolves to the object that now holds it (names loading does not use: warned)."""
+    monkeypatch.delitem(sys.modules, "marginlab.model_io", raising=False)
+    warning = "marginlab.model_io is deprecated; use marginlab.nets.loading"
+    with pytest.warns(DeprecationWarning, match=warning):
+        old = importlib.import_module("marginlab.model_io")
+    here = {"LoadedModel": loading, "load_model": loading, "load_saved": loading, "check_forward": loading,
+            "ONNX_HINT": loading, "ModelSpec": spec, "resolve_spec": spec, "build_from_spec": usercode,
+            "Normalize": preprocess}  # fmt: skip
+    for name, module in here.items():
+        assert getattr(old, name) is getattr(module, name), name
+    moved = {"KINDS": spec, "model_factory": usercode, "check_spec": usercode, "parse_preprocess": preprocess}
+    for name, module in moved.items():
+        with pytest.warns(DeprecationWarning, match=f"use {module.__name__}.{name}"):
+            assert getattr(old, name) is getattr(module, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        old.nope  # noqa: B018

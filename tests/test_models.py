@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.errors import ConfigError
-from marginlab.models import MODELS, MarginNet, build_model, linear_layers, load_weights
+from marginlab.base.errors import ConfigError
+from marginlab.nets.models import MODELS, MarginNet, build_model, linear_layers, load_weights
 
 # Flattened conv output size of the authors' nets (watml/rob-margin: 3x3 convs without padding):
 # MNIST 28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4, so 4*4*64; CIFAR 32 -> ... -> 5, so 5*5*128.

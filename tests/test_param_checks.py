@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from conftest import margin_values, tiny_train_toml, write_text
+from marginlab.base.config import from_dict
+from marginlab.base.errors import ConfigError
+from marginlab.base.seed import MAX_SEED, check_seed, seed_everything
 from marginlab.cli import main
-from marginlab.config import from_dict
-from marginlab.errors import ConfigError
 from marginlab.estimators import build_estimator
 from marginlab.estimators.base import validate_params
-from marginlab.models import build_model
+from marginlab.nets.models import build_model
 from marginlab.robustness.attacks import RobustnessSettings
-from marginlab.seed import MAX_SEED, check_seed, seed_everything
-from marginlab.tracking import TrackingConfig
+from marginlab.training.tracking import TrackingConfig
 
 HUGE = str(10**30)
 # a usage error (argparse) names the sub-command; a user error found later does not

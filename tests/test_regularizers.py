@@ -7,19 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.config import from_dict
-from marginlab.errors import ConfigError
-from marginlab.models import build_model
-from marginlab.regularizers import (
-    AverageMargin,
-    Orthogonality,
+from marginlab.base.config import from_dict
+from marginlab.base.errors import ConfigError
+from marginlab.nets.models import build_model
+from marginlab.training.recipes import (
     RegularizerConfig,
     build_regularizers,
-    logit_margins,
-    orthogonality_penalty,
     reference_gamma,
     reference_lr,
     resolve_config,
+)
+from marginlab.training.regularizers import (
+    AverageMargin,
+    Orthogonality,
+    logit_margins,
+    orthogonality_penalty,
 )
 
 # A 2-feature, 3-class head: z = W φ + b.
@@ -271,13 +273,47 @@ def test_missing_gamma_and_unknown_model_are_config_errors() -> None:
     assert cfg.gamma == 5.0 and cfg.ortho_probes == 4
 
 
-def test_training_step_with_the_regularized_recipe() -> None:
+@pytest.mark.parametrize("every", [1, 50])
+def test_training_step_with_the_regularized_recipe(every: int) -> None:
+    """The gradient of a training step's loss (mean cross-entropy + average margin + probed orthogonality)
+    against central finite differences in float64 at sampled coordinates of every parameter. Each loss
+    evaluation builds the regularizers afresh (step 0, the same probes). With ``ortho_every = k`` the
+    applied step's orthogonality gradient is k times its finite difference (documented), so the check is
+    ``grad = fd(cross-entropy + margin) + k * fd(orthogonality)``."""
     torch.manual_seed(0)
-    model = build_model("mnist-mlp", widths=(32,))
-    regs = build_regularizers(RegularizerConfig(recipe="regularized", ortho_probes=2), model_name="mnist-mlp")
-    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    feats = model.phi(x)
-    logits = model.head(feats)
-    loss = nn.functional.cross_entropy(logits, y) + sum(r(model, feats, logits, y) for r in regs)
-    loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model = build_model("mnist-mlp", widths=(32,)).double()
+    cfg = RegularizerConfig(recipe="regularized", ortho_probes=2, ortho_every=every)
+    x = torch.rand(8, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[4:] = (y[4:] + 1) % 10  # four points correct (margins in (0, γ)), four misclassified
+
+    def terms() -> tuple[torch.Tensor, torch.Tensor]:
+        margin, ortho = build_regularizers(cfg, model_name="mnist-mlp")
+        assert isinstance(margin, AverageMargin) and isinstance(ortho, Orthogonality)
+        feats = model.phi(x)
+        logits = model.head(feats)
+        main = nn.functional.cross_entropy(logits, y) + margin(model, feats, logits, y)
+        return main, ortho(model, feats, logits, y)
+
+    gamma = resolve_config(cfg, model_name="mnist-mlp").gamma
+    with torch.no_grad():
+        margins = logit_margins(model(x), y)
+    assert ((margins > 1e-3) & (margins < gamma - 1e-3)).sum() == 4  # the margin term has a gradient
+    main, ortho = terms()
+    (main + ortho).backward()
+    gen = torch.Generator().manual_seed(1)
+    h = 1e-6
+    for name, param in model.named_parameters():
+        flat, grad = param.data.view(-1), param.grad.view(-1)
+        for i in torch.randperm(flat.numel(), generator=gen)[:6].tolist():
+            value = flat[i].item()
+            diffs = []
+            for sign in (1.0, -1.0):
+                flat[i] = value + sign * h
+                with torch.no_grad():
+                    diffs.append(torch.stack(terms()))
+            flat[i] = value
+            fd_main, fd_ortho = ((diffs[0] - diffs[1]) / (2 * h)).tolist()
+            want = fd_main + every * fd_ortho
+            assert grad[i].item() == pytest.approx(want, rel=1e-5, abs=1e-8), (name, i)

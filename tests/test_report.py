@@ -22,10 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from marginlab.base.errors import ConfigError, RunDirError  # noqa: E402
+from marginlab.base.tables import flatten, format_cell, markdown_table, shared_keys, split_pivot  # noqa: E402
 from marginlab.cli import main as cli_main  # noqa: E402
-from marginlab.errors import ConfigError, RunDirError  # noqa: E402
 from marginlab.report import write_report  # noqa: E402
-from marginlab.report.tables import flatten, format_cell, markdown_table, shared_keys, split_pivot  # noqa: E402
 
 EVIL = "<script>alert('x')</script>"
 
@@ -286,7 +286,7 @@ def _section(html_text: str, start: str, end: str) -> str:
 
 
 def test_report_opens_with_checked_findings(tmp_path: Path) -> None:
-    from marginlab.trends import margin_trends
+    from marginlab.training.trends import margin_trends
 
     # epoch 0 far below; then the min margin rises (-1 -> 0.5) and the mean rises too (0.2 -> 0.9)
     records = _deep_records(means=[-5.0, 0.2, 0.6, 0.9], mins=[-9.0, -1.0, 0.0, 0.5])
@@ -308,7 +308,7 @@ def test_report_opens_with_checked_findings(tmp_path: Path) -> None:
 
 
 def test_logreg_and_compare_verdicts(tmp_path: Path) -> None:
-    from marginlab.experiments.compare_tables import _versus
+    from marginlab.experiments.compare_verdicts import _versus
     from marginlab.experiments.logreg_gd import trend_summary
 
     metrics = [
@@ -476,7 +476,7 @@ def test_logreg_figures_say_the_margins_are_exact(tmp_path: Path, captured: dict
 
 
 def test_robustness_curve_axis_names_the_kind() -> None:
-    from marginlab.robustness import plot_robustness
+    from marginlab.plots.robustness import plot_robustness
 
     upper = plot_robustness(np.array([0.1, 0.5, 1.0]))
     exact = plot_robustness({"exact": np.array([0.1, 0.5, 1.0])})

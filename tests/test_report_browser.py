@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from conftest import tiny_train_toml, write_text
+from marginlab.experiments import run_experiment
 from marginlab.report import write_report
-from marginlab.runner import run_experiment
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh as root)")
@@ -99,7 +99,7 @@ def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """report.html of a tiny logreg-gd run and a tiny deep run, with their real figures."""
-    from marginlab.config import load_config
+    from marginlab.base.config import load_config
 
     root = tmp_path_factory.mktemp("browser")
     runs = []

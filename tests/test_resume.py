@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-import marginlab.train
+import marginlab.training.loop
 from conftest import tiny_train_toml
-from marginlab.config import load_config, to_dict
-from marginlab.errors import RunDirError
-from marginlab.fsio import read_jsonl
-from marginlab.runner import build_config, resume_experiment, run_experiment
-from marginlab.runs import RunDir, read_summary
+from marginlab.base.config import load_config, to_dict
+from marginlab.base.errors import RunDirError
+from marginlab.base.fsio import read_jsonl
+from marginlab.experiments import build_config, resume_experiment, run_experiment
+from marginlab.lab.runs import RunDir, read_summary
 
 
 def _write_config(tmp_path: Path, epochs: int) -> Path:
@@ -97,7 +97,7 @@ class _Crash(Exception):
 
 def test_crash_between_metrics_and_checkpoint(tmp_path, reference, monkeypatch):
     """The worst moment: epoch 3's metrics line is written (plus a torn line), its checkpoint is not."""
-    real_save = marginlab.train.save_checkpoint
+    real_save = marginlab.training.loop.save_checkpoint
 
     def save(path, ckpt):
         if ckpt.epoch == 3:
@@ -106,12 +106,12 @@ def test_crash_between_metrics_and_checkpoint(tmp_path, reference, monkeypatch):
             raise _Crash
         real_save(path, ckpt)
 
-    monkeypatch.setattr(marginlab.train, "save_checkpoint", save)
+    monkeypatch.setattr(marginlab.training.loop, "save_checkpoint", save)
     run = tmp_path / "crashed"
     with pytest.raises(_Crash):
         run_experiment(load_config(_write_config(tmp_path, 6)), run)
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3]
-    monkeypatch.setattr(marginlab.train, "save_checkpoint", real_save)
+    monkeypatch.setattr(marginlab.training.loop, "save_checkpoint", real_save)
     resume_experiment(run)
     assert_same_run(reference[6], run)
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from marginlab.errors import ConfigError
-from marginlab.fsio import to_jsonable
-from marginlab.models import build_model
-from marginlab.robustness import RobustnessResult, plot_robustness, robust_accuracy, robustness_curve
+from marginlab.base.errors import ConfigError
+from marginlab.base.fsio import to_jsonable
+from marginlab.nets.models import build_model
+from marginlab.plots.robustness import plot_robustness
+from marginlab.robustness import RobustnessResult, robust_accuracy, robustness_curve
 from marginlab.robustness.attacks import RobustnessSettings, _fit_to_problem
 from marginlab.robustness.evaluate import _verify
 

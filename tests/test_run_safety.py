@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import cli_error, one_line_error, tiny_train_toml, write_text
-from marginlab.checkpoint import load_checkpoint
 from marginlab.cli import main
-from marginlab.runs import CHECKPOINT, METRICS, PROVENANCE, SUMMARY, margins_files, subrun_dir
+from marginlab.lab.runs import CHECKPOINT, METRICS, PROVENANCE, SUMMARY, margins_files, subrun_dir
+from marginlab.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

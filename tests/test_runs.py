@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from marginlab.errors import RunDirError
-from marginlab.fsio import append_jsonl, atomic_write_json, read_jsonl, to_jsonable
-from marginlab.runs import RunDir, read_summary
+from marginlab.base.errors import RunDirError
+from marginlab.base.fsio import append_jsonl, atomic_write_json, read_jsonl, to_jsonable
+from marginlab.lab.runs import RunDir, read_summary
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

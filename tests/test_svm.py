@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from marginlab.errors import ConfigError, DataError, NotSeparableError
-from marginlab.svm import direction_cosine, hard_margin_svm
+from marginlab.base.errors import ConfigError, DataError, NotSeparableError
+from marginlab.core.svm import direction_cosine, hard_margin_svm
 
 BIASES = ["free", "regularized", "none"]
 

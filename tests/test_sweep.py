@@ -2,13 +2,12 @@
 
 Most tests inject a fake run function (module-level so that spawned workers can unpickle it) that
 writes config.json and summary.json and appends a line to a call log, so calls can be counted across
-processes. One end-to-end test runs the real ``logreg-gd`` experiment and is skipped if it is missing.
+processes. One end-to-end test runs the real ``logreg-gd`` experiment.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -20,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from marginlab.base.errors import ConfigError, RunDirError
 from marginlab.cli import main as cli_main
-from marginlab.errors import ConfigError, RunDirError
 from marginlab.sweep import (
     SweepStopped,
     parse_grid,
@@ -151,7 +150,7 @@ def test_restart_skips_finished_runs_and_resumes_or_restarts_the_rest(tmp_path: 
     (out / "seed=1" / "summary.json").unlink()  # killed before the end, no checkpoint
     (out / "seed=2" / "summary.json").unlink()  # killed with a checkpoint
     (out / "seed=2" / "checkpoint.pt").write_bytes(b"")
-    from marginlab.runner import plan_mode  # here: the spawned workers import this module, not torch
+    from marginlab.experiments import plan_mode  # here: the spawned workers import this module, not torch
 
     modes = [plan_mode(out / f"seed={s}", {**BASE, "seed": s}) for s in range(5)]
     assert modes == ["skip", "resume", "resume", "skip", "new"]
@@ -312,15 +311,6 @@ def test_cli_rejects_bad_input_without_writing(tmp_path: Path, capsys: pytest.Ca
 
 
 # -- the real thing ------------------------------------------------------------------------------
-REAL_MODULES = (
-    "marginlab.experiments.logreg_gd",
-    "marginlab.svm",
-    "marginlab.linear",
-    "marginlab.plots.logreg",
-)
-needs_logreg = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in REAL_MODULES), reason="logreg-gd not available"
-)
 REAL_CONFIG = """
 kind = "logreg-gd"
 epochs = 5
@@ -330,7 +320,6 @@ dataset = "digits:0,1"
 """
 
 
-@needs_logreg
 def test_real_sweep_end_to_end_then_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from marginlab.report import write_report
 

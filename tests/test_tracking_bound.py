@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import margin_values
-from marginlab.errors import ConfigError
-from marginlab.models import build_model
-from marginlab.tracking import MarginTracker, TrackingConfig, margin_stats
+from marginlab.base.errors import ConfigError
+from marginlab.nets.models import build_model
+from marginlab.training.tracking import MarginTracker, TrackingConfig, margin_stats
 
 
 def test_bound_schedule_and_values() -> None:
@@ -34,9 +34,9 @@ def test_bound_schedule_and_values() -> None:
 def test_training_records_the_bound_time(tmp_path) -> None:
     """The records' ``time`` says how long the bound took, on exactly the bounded epochs."""
     from conftest import tiny_train_toml, write_text
-    from marginlab.config import load_config
-    from marginlab.fsio import read_jsonl
-    from marginlab.runner import run_experiment
+    from marginlab.base.config import load_config
+    from marginlab.base.fsio import read_jsonl
+    from marginlab.experiments import run_experiment
 
     text = tiny_train_toml(epochs=4) + 'bound = "deepfool"\nbound_every = 3\nbound_n = 10\n'
     run = run_experiment(load_config(write_text(tmp_path / "c.toml", text)), tmp_path / "run")

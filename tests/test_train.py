@@ -9,16 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from marginlab.checkpoint import capture_rng, restore_rng
-from marginlab.config import from_dict
+from marginlab.base.config import from_dict
+from marginlab.base.device import resolve_device
+from marginlab.base.distributed import DistContext, shard_bounds
+from marginlab.base.errors import ConfigError
 from marginlab.data import load_dataset
-from marginlab.distributed import DistContext, shard_bounds
-from marginlab.errors import ConfigError
-from marginlab.models import build_model
-from marginlab.progress import log_tensorboard, postfix
-from marginlab.regularizers import AverageMargin
-from marginlab.tracking import MarginTracker, TrackingConfig, fixed_subset, margin_stats
-from marginlab.train import TrainConfig, fit, resolve_device
+from marginlab.nets.models import build_model
+from marginlab.training.checkpoint import capture_rng, restore_rng
+from marginlab.training.loop import TrainConfig, fit
+from marginlab.training.progress import log_tensorboard, postfix
+from marginlab.training.regularizers import AverageMargin
+from marginlab.training.tracking import MarginTracker, TrackingConfig, fixed_subset, margin_stats
 
 CPU = torch.device("cpu")
 
@@ -207,7 +208,7 @@ def test_a_run_piped_to_a_file_logs_one_line_per_epoch(tmp_path) -> None:
     import sys
 
     from conftest import tiny_train_toml, write_text
-    from marginlab.logs import setup_logging
+    from marginlab.base.logs import setup_logging
 
     cfg = write_text(
         tmp_path / "t.toml", tiny_train_toml(epochs=2).replace("progress = false", "progress = true")
@@ -215,12 +216,12 @@ def test_a_run_piped_to_a_file_logs_one_line_per_epoch(tmp_path) -> None:
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "marginlab", "-v", "run", str(cfg), "--out", str(out)]
     lines = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stderr.splitlines()
-    epochs = [line for line in lines if "marginlab.train" in line and " epoch " in line]
+    epochs = [line for line in lines if "marginlab.training.loop" in line and " epoch " in line]
     assert [line.split(" epoch ")[1].split()[0] for line in epochs] == ["0/2", "1/2", "2/2"]
     assert all("train acc" in line and "test acc" in line and "(estimate)" in line for line in epochs)
     assert all(" marginlab" in line for line in lines if line[:2].isdigit())  # -v: marginlab's own only
     setup_logging(logging.WARNING)  # what -q sets
-    assert logging.getLogger("marginlab.train").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("marginlab.training.loop").getEffectiveLevel() == logging.WARNING
     setup_logging(logging.INFO)
 
 
@@ -228,7 +229,7 @@ def test_mixed_precision_trains_close_to_float32(tmp_path) -> None:
     """``train.amp``: bfloat16 forward passes; the run trains, and its loss stays near float32's."""
     from conftest import tiny_train_toml, write_text
     from marginlab.cli import main
-    from marginlab.runs import read_summary
+    from marginlab.lab.runs import read_summary
 
     cfg = write_text(tmp_path / "t.toml", tiny_train_toml(epochs=3))
     losses = {}

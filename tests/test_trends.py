@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from marginlab.trends import margin_trends
+from marginlab.training.trends import margin_trends
 
 
 def _rec(epoch: int, acc: float, lo: float, mean: float) -> dict:

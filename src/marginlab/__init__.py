@@ -5,7 +5,10 @@ Average Margin": exact and bounded margins, margin tracking during training, the
 regularizer, and robustness evaluation with standard attacks.
 """
 
-from marginlab.errors import ConfigError, DataError, MarginlabError, RunDirError
+from marginlab.base import deprecated
+from marginlab.base.errors import ConfigError, DataError, MarginlabError, RunDirError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+deprecated.install()  # old module paths (0.1) keep importing, with a DeprecationWarning
+
 __all__ = ["ConfigError", "DataError", "MarginlabError", "RunDirError", "__version__"]

@@ -7,29 +7,32 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from marginlab import __version__
-from marginlab.errors import MarginlabError
-from marginlab.logs import setup_logging
+from marginlab.base.errors import MarginlabError
+from marginlab.base.logs import setup_logging
+from marginlab.commands import data, margins, plot, report, robustness, run, sweep
+from marginlab.lab.provenance import set_command
 
-# Sub-commands, each a module in marginlab.commands with ``register(subparsers)``.
-COMMANDS = ["run", "plot", "data", "report", "sweep", "robustness", "margins"]
+# Sub-commands, each a module in marginlab.commands with ``register(subparsers)``, in --help order.
+COMMANDS = [run, plot, data, report, sweep, robustness, margins]
 
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line (no usage block) and exit 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``marginlab`` argument parser with every sub-command of :data:`COMMANDS` registered."""
     parser = _Parser(
         prog="marginlab",
         description="marginlab: margins of classifiers and what they mean for adversarial robustness.",
@@ -39,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("-v", "--verbose", action="store_true", help="debug messages of marginlab itself")
     noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for name in COMMANDS:
-        importlib.import_module(f"marginlab.commands.{name}").register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 
@@ -58,8 +61,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from marginlab.provenance import set_command
-
+    """Run the ``marginlab`` command on ``argv`` (default: ``sys.argv[1:]``); returns the exit status
+    (0 done, 2 a user error, 130 interrupted, 143 terminated)."""
     parser = build_parser()
     set_command(["marginlab", *(sys.argv[1:] if argv is None else argv)])
     # `run CONFIG --out DIR key=value`: overrides may also follow the options (argparse stops

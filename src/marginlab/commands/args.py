@@ -10,7 +10,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from marginlab.errors import ConfigError
+from marginlab.base.config import INT_LIMIT, parse_key_values
+from marginlab.base.errors import ConfigError
+from marginlab.base.seed import check_seed
+from marginlab.data import load_points
+from marginlab.nets.loading import load_model
+from marginlab.nets.preprocess import parse_preprocess
+from marginlab.nets.spec import resolve_spec
+from marginlab.nets.weights import parse_key_map
 
 DEFAULT_N = 500
 
@@ -49,7 +56,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="a registry name (marginlab.models.MODELS), FILE.py:Class, package.module:factory, "
+        help="a registry name (marginlab.nets.models.MODELS), FILE.py:Class, package.module:factory, "
         "a TorchScript file or an .onnx file (needs marginlab[onnx])",
     )
     p.add_argument(
@@ -104,8 +111,6 @@ def add_points_arguments(p: argparse.ArgumentParser) -> None:
 
 def int_arg(text: str) -> int:
     """argparse type: an integer that fits in 64 bits (torch overflows on larger ones, deep inside)."""
-    from marginlab.config import INT_LIMIT
-
     try:
         value = int(text)
     except ValueError:
@@ -116,9 +121,7 @@ def int_arg(text: str) -> int:
 
 
 def seed_arg(text: str) -> int:
-    """argparse type: a seed (see :func:`marginlab.seed.check_seed`)."""
-    from marginlab.seed import check_seed
-
+    """argparse type: a seed (see :func:`marginlab.base.seed.check_seed`)."""
     try:
         return check_seed(int_arg(text), "the seed")
     except ConfigError as e:
@@ -126,28 +129,17 @@ def seed_arg(text: str) -> int:
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["widths=[256]", "dropout=0.5"]`` -> ``{"widths": [256], "dropout": 0.5}`` (values as TOML)."""
-    from marginlab.config import parse_value
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"option {item!r} is not of the form KEY=VALUE")
-        out[key.strip()] = parse_value(value.strip())
-    return out
+    """``["widths=[256]", "dropout=0.5"]`` -> ``{"widths": [256], "dropout": 0.5}`` (values as TOML;
+    :func:`marginlab.base.config.parse_key_values`)."""
+    return parse_key_values(items, "option", "KEY=VALUE")
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     """``(model, dataset, index, record)`` from the options of :func:`add_model_arguments`; ``record``
-    says what was loaded (:func:`marginlab.model_io.load_model`). User errors: one line."""
-    from marginlab import model_io
-    from marginlab.data import load_points
-    from marginlab.weights import parse_key_map
-
+    says what was loaded (:func:`marginlab.nets.loading.load_model`). User errors: one line."""
     # every cheap check first: a bad spec, option or file fails before any data is read
-    model_io.resolve_spec(args.model)
-    preprocess = model_io.parse_preprocess(args.preprocess)
+    resolve_spec(args.model)
+    preprocess = parse_preprocess(args.preprocess)
     key_map = parse_key_map(args.key_map)
     options = parse_options(args.option)
     if args.batch_size < 1:
@@ -162,7 +154,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, A
         args.data, args.split, n=n, seed=args.seed, indices=indices, data_dir=args.data_dir,
         clip=args.n is None,
     )  # fmt: skip
-    loaded = model_io.load_model(
+    loaded = load_model(
         args.model,
         args.weights,
         num_classes=data.num_classes,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from marginlab.base.errors import ConfigError
+from marginlab.data import DATASETS, load_dataset
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``data`` sub-command to the CLI's sub-parsers."""
     p = sub.add_parser(
         "data",
         help="list datasets, check their sources, download official files",
@@ -22,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from marginlab.data import DATASETS, load_dataset
+    """``marginlab data``: list the datasets, check their sources or download official files.
 
+    Returns the exit status."""
     names = args.datasets or DATASETS.names()
     if args.action == "list":
         for name in names:
@@ -31,8 +36,6 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name:14s} {info.shape}  {len(info.classes)} classes  {info.description}")
         return 0
     if args.action == "download" and not args.datasets:
-        from marginlab.errors import ConfigError
-
         raise ConfigError("name the datasets to download, e.g. 'marginlab data download mnist'")
     for spec in names:
         for split in ("train", "test"):

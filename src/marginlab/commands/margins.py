@@ -15,11 +15,12 @@ From Python, on any ``nn.Module`` mapping [N,C,H,W] to logits::
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
+from marginlab.base.errors import ConfigError
+from marginlab.base.fsio import atomic_write_json
 from marginlab.commands.args import (
     add_model_arguments,
     add_points_arguments,
@@ -29,18 +30,51 @@ from marginlab.commands.args import (
     parse_options,
     set_threads,
 )
-from marginlab.errors import ConfigError
+from marginlab.commands.bracket import bracket_main
+from marginlab.core.norms import Norm
+from marginlab.core.predict import predict_labels
+from marginlab.estimators import ESTIMATORS, MarginResult, estimate_margins
+from marginlab.estimators.base import NORM_ERROR, NORMS, validate_params
+from marginlab.lab.margins_table import check_format, table_path, write_table
+from marginlab.lab.names import MARGINS_SUMMARY, MARGINS_TABLE, WEIGHTS
+from marginlab.training.tracking import MarginSummary, margin_summary
 
 FORMATS = ("csv", "parquet")
 EXAMPLE = (
-    "marginlab margins --model mnist-mlp --weights model.pt --data mnist "
+    f"marginlab margins --model mnist-mlp --weights {WEIGHTS} --data mnist "
     "--estimators first-order,ddn,best --out margins/"
 )
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from marginlab.estimators import ESTIMATORS
+class EstimatorMargins(MarginSummary):
+    """One estimator in the summary: its kind and margin statistics (:class:`MarginSummary`), how many
+    margins were not finite (±inf: no adversarial example found), its settings and its wall time."""
 
+    non_finite: int
+    seconds: float
+    params: dict[str, Any]
+
+
+class MarginsSummary(TypedDict):
+    """``summary.json`` of ``marginlab margins --out DIR``: what was measured (model, weights, data, split,
+    number of points, seed, norm), the model's accuracy on the points, per estimator its
+    :class:`EstimatorMargins`, the sign convention in words, and what model was loaded."""
+
+    model: str
+    weights: str | None
+    data: str
+    split: str
+    n: int
+    seed: int
+    norm: str
+    accuracy: float
+    estimators: dict[str, EstimatorMargins]
+    sign: str
+    loaded_model: NotRequired[dict[str, Any]]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``margins`` sub-command to the CLI's sub-parsers."""
     p = sub.add_parser(
         "margins",
         help="per-point margins of a trained model (several estimators, each with its kind)",
@@ -67,30 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="estimator parameter, e.g. --param ddn.steps=200 (repeatable)",
     )
     p.add_argument("--format", default="csv", choices=FORMATS, help="the per-point table's format")
-    p.add_argument("--out", required=True, help="output directory (margins.csv, summary.json)")
+    p.add_argument("--out", required=True, help=f"output directory ({MARGINS_TABLE}.csv, {MARGINS_SUMMARY})")
     p.set_defaults(func=main)
-
-
-def table_path(out: Path, fmt: str) -> Path:
-    from marginlab.runs import MARGINS_TABLE
-
-    return out / f"{MARGINS_TABLE}.{fmt}"
-
-
-def check_format(fmt: str) -> None:
-    if fmt == "parquet":
-        try:
-            import pandas  # noqa: F401
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise ConfigError("--format parquet needs pandas and pyarrow; install them or use csv") from None
 
 
 def _parse_params(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
     """``["ddn.steps=200"]`` -> ``{"ddn": {"steps": 200}}``, every value checked (type and range) now,
     before any data is read or any estimator runs."""
-    from marginlab.estimators.base import validate_params
-
     out: dict[str, dict[str, Any]] = {}
     for key, value in parse_options(items).items():
         est, dot, param = key.partition(".")
@@ -101,30 +118,27 @@ def _parse_params(items: list[str], names: list[str]) -> dict[str, dict[str, Any
 
 
 def main(args: argparse.Namespace) -> int:
-    from marginlab.estimators import ESTIMATORS, estimate_margins, norm_order
-    from marginlab.fsio import atomic_write_json
-    from marginlab.runs import MARGINS_SUMMARY
-
+    """Run ``marginlab margins``: write the per-point table and ``summary.json``; print a line per
+    estimator. Returns the exit status (0)."""
     out = check_out_dir(args.out)
     check_format(args.format)
     names = parse_names(args.estimators, "estimator")
-    p = norm_order(args.norm)
+    norm = Norm.parse(args.norm, NORMS, error=NORM_ERROR)  # what summary.json records: L2 or Linf
     set_threads(args.threads)
     if "bracket" in names:  # not an estimator: crown vs best (and mip) per point, with a figure
-        from marginlab.bracket import bracket_main
-
-        return bracket_main(args, names, out, p)
+        return bracket_main(args, names, out, norm)
     for name in names:
         ESTIMATORS.get(name)
     params = _parse_params(args.param, names)
     model, data, index, loaded = load_from_args(args)
-    results = estimate_margins(model, data.x, data.y, names, p=p, batch_size=args.batch_size, params=params)
-    with torch.no_grad():
-        pred = torch.cat([model(xb) for xb in data.x.split(args.batch_size)]).argmax(1)
+    results = estimate_margins(
+        model, data.x, data.y, names, p=norm, batch_size=args.batch_size, params=params
+    )
+    pred = predict_labels(model, data.x, args.batch_size)
     columns = {"index": index.tolist(), "label": data.y.tolist(), "prediction": pred.tolist()}
     columns |= {n: r.values.tolist() for n, r in results.items()}
     write_table(table_path(out, args.format), columns)
-    summary = _summary(args, results, float((pred == data.y).double().mean()))
+    summary = _summary(args, norm, results, float((pred == data.y).double().mean()))
     summary["loaded_model"] = loaded  # spec, weights, key mapping, preprocessing
     atomic_write_json(out / MARGINS_SUMMARY, summary)
     for name in names:
@@ -135,9 +149,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(args: argparse.Namespace, results: dict[str, Any], accuracy: float) -> dict[str, Any]:
-    from marginlab.tracking import margin_stats
-
+def _summary(
+    args: argparse.Namespace, norm: Norm, results: dict[str, MarginResult], accuracy: float
+) -> MarginsSummary:
     return {
         "model": args.model,
         "weights": args.weights,
@@ -145,12 +159,11 @@ def _summary(args: argparse.Namespace, results: dict[str, Any], accuracy: float)
         "split": args.split,
         "n": len(next(iter(results.values()))),
         "seed": args.seed,
-        "norm": str(args.norm),
+        "norm": str(norm),
         "accuracy": accuracy,
         "estimators": {
             n: {
-                "kind": str(r.kind),
-                **margin_stats(r.values),
+                **margin_summary(str(r.kind), r.values),
                 "non_finite": int((~torch.isfinite(r.values)).sum()),
                 "seconds": r.seconds,
                 "params": r.params,
@@ -161,23 +174,3 @@ def _summary(args: argparse.Namespace, results: dict[str, Any], accuracy: float)
         "that found no adversarial example gives +inf (-inf for a misclassified point), counted in "
         "non_finite (JSON writes them as null)",
     }
-
-
-def write_table(out: Path, columns: dict[str, list[Any]]) -> None:
-    """Write the columns as CSV or Parquet, atomically (non-finite margins are written as inf / -inf)."""
-    from marginlab.fsio import atomic_write_text, atomic_write_with
-
-    if out.suffix.lower() == ".parquet":
-        import pandas as pd
-
-        frame = pd.DataFrame(columns)
-        atomic_write_with(out, lambda f: frame.to_parquet(f, index=False))
-        return
-    from marginlab.report.tables import csv_text
-
-    rows = list(zip(*columns.values(), strict=True))
-    atomic_write_text(out, csv_text(list(columns), [[_cell(v) for v in row] for row in rows]))
-
-
-def _cell(v: Any) -> Any:
-    return repr(v) if isinstance(v, float) else v

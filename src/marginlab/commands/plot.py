@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from marginlab.experiments import plot_run
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``plot`` sub-command to the CLI's sub-parsers."""
     p = sub.add_parser("plot", help="redraw the figures of one or more run directories")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from marginlab.runner import plot_run
+    """``marginlab plot``: redraw the figures of each run directory and print their paths.
 
+    Returns the exit status."""
     for run_dir in args.run_dirs:
         for path in plot_run(run_dir):
             print(path)

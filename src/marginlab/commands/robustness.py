@@ -1,4 +1,4 @@
-"""``marginlab robustness``: robust accuracy of a trained model (any spec of :mod:`marginlab.model_io`).
+"""``marginlab robustness``: robust accuracy of a trained model (any spec of :mod:`marginlab.nets.spec`).
 
     marginlab robustness --model mnist-mlp --weights model.pt --data mnist --eps 0.5,1,2 --out rob/
 
@@ -22,15 +22,16 @@ from marginlab.commands.args import (
     parse_names,
     set_threads,
 )
-from marginlab.robustness import RobustnessSettings
+from marginlab.lab.names import ROBUSTNESS, ROBUSTNESS_FIGURE, WEIGHTS
+from marginlab.plots.common import save
+from marginlab.plots.robustness import plot_robustness
+from marginlab.robustness import ATTACKS, RobustnessSettings, robust_accuracy
 from marginlab.robustness.attacks import parse_eps
 
-EXAMPLE = "marginlab robustness --model mnist-cnn --weights model.pt --data mnist --eps 1,2 --out rob/"
+EXAMPLE = f"marginlab robustness --model mnist-cnn --weights {WEIGHTS} --data mnist --eps 1,2 --out rob/"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from marginlab.robustness import ATTACKS
-
     d = RobustnessSettings()
     p = sub.add_parser(
         "robustness",
@@ -53,15 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aa-version", default=d.aa_version, choices=["standard", "plus", "custom"])
     p.add_argument("--aa-attacks", help="with --aa-version custom: e.g. apgd-ce,apgd-t")
     p.add_argument("--aa-eps", help="radii AutoAttack runs at (default: all of --eps)")
-    p.add_argument("--out", required=True, help="output directory (robustness.json, robustness.png)")
+    p.add_argument("--out", required=True, help=f"output directory ({ROBUSTNESS}, {ROBUSTNESS_FIGURE})")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from marginlab.plots.common import save
-    from marginlab.robustness import plot_robustness, robust_accuracy
-    from marginlab.runs import ROBUSTNESS
-
     # every cheap check first: nothing is loaded or written before the inputs make sense
     eps = parse_eps(args.eps)
     settings = RobustnessSettings(
@@ -82,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     result = robust_accuracy(model, data.x, data.y, eps, settings, index=index.tolist())
     title = f"{args.model} on {args.data} ({args.split}, n={result.n})"
     # the figure first, the JSON last: a robustness.json is only ever there with everything before it
-    save(plot_robustness(result.margin_upper(), result, title=title), out / "robustness.png")
+    save(plot_robustness(result.margin_upper(), result, title=title), out / ROBUSTNESS_FIGURE)
     result.save(out / ROBUSTNESS, model=args.model, weights=args.weights, loaded_model=loaded,
                 data=args.data, split=args.split)  # fmt: skip
     print(f"clean accuracy {result.clean_accuracy:.1%} on {result.n} points")
@@ -91,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"eps={e:g}: {stages}; worst case {_pct(result.worst_case[j])}")
     for w in result.warnings:
         print(f"warning: {w}")
-    print(f"wrote {out / ROBUSTNESS} and {out / 'robustness.png'}")
+    print(f"wrote {out / ROBUSTNESS} and {out / ROBUSTNESS_FIGURE}")
     return 0
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from marginlab.config import load_config
-from marginlab.errors import ConfigError
+from marginlab.base.config import load_config
+from marginlab.base.errors import ConfigError
+from marginlab.experiments import resume_experiment, run_experiment, run_or_resume
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``run`` sub-command to the CLI's sub-parsers."""
     p = sub.add_parser("run", help="run an experiment config into a run directory")
     p.add_argument("config", nargs="?", help="TOML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
@@ -27,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from marginlab.runner import resume_experiment, run_experiment, run_or_resume
+    """``marginlab run``: run a config into a run directory, or resume one (``--resume``).
 
+    Returns the exit status."""
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the config from the run directory; give no CONFIG")

@@ -6,10 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from marginlab.errors import ConfigError
+from marginlab.base.config import load_config
+from marginlab.base.errors import ConfigError
+from marginlab.lab.names import SWEEP_MD
+from marginlab.sweep import run_sweep, stop_signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``sweep`` sub-command to the CLI's sub-parsers."""
     p = sub.add_parser(
         "sweep",
         help="run a grid of configs (restartable: finished runs are skipped) and tabulate their summaries",
@@ -30,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from marginlab.config import load_config
-    from marginlab.sweep import TABLE_MD, run_sweep, stop_signal
+    """``marginlab sweep``: run the grid of configs (finished runs are skipped) and tabulate their summaries.
 
+    Returns the exit status."""
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {args.jobs}")
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
@@ -51,5 +55,5 @@ def main(args: argparse.Namespace) -> int:
         note = " (already done)" if r.mode == "skip" else f": {r.error}" if r.error else ""
         print(f"{r.status:9s} {r.point.name}{note}")
     done = len(result.records) - len(result.failed)
-    print(f"sweep {out}: {done}/{len(result.records)} runs finished; table in {out / TABLE_MD} and .csv")
+    print(f"sweep {out}: {done}/{len(result.records)} runs finished; table in {out / SWEEP_MD} and .csv")
     return 1 if result.failed else 0

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from marginlab.base.errors import ConfigError
 from marginlab.data import cifar10, digits, idx_source, mnist
 from marginlab.data.base import Dataset, check_split, data_dir_default, get_info
 from marginlab.data.subsets import apply_label_mode, parse_spec, resolve_classes, select_classes, subsample
-from marginlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marginlab.errors import DataError
-from marginlab.registry import Registry
+from marginlab.base.errors import DataError
+from marginlab.base.registry import Registry
 
 SPLITS = ("train", "test")
 ENV_VAR = "MARGINLAB_DATA"
@@ -48,6 +48,7 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes K (labels lie in 0..K-1)."""
         return len(self.classes)
 
     @property
@@ -101,6 +102,7 @@ def get_info(name: str) -> DatasetInfo:
 
 
 def check_split(split: str) -> None:
+    """Refuse a split name other than those of :data:`SPLITS` with :class:`DataError`."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
 

@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from marginlab.errors import DataError
+from marginlab.base.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ CIFAR10_BINARY_TAR_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
+    """SHA-256 of ``data`` as 64 hex digits."""
     return hashlib.sha256(data).hexdigest()
 
 

@@ -20,12 +20,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from marginlab.base.errors import DataError
 from marginlab.data import checksums
 from marginlab.data.base import DATASETS, DatasetInfo, RawSplit, make_raw
 from marginlab.data.download import download
 from marginlab.data.locate import dataset_dirs, file_key
 from marginlab.data.safe_pickle import load_numpy_pickle
-from marginlab.errors import DataError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 TARBALL = "cifar-10-binary.tar.gz"
@@ -139,8 +139,8 @@ def _read_tarball(key: tuple[str, int, int]) -> dict[str, RawSplit]:
         missing = [n + ".bin" for n in names if n + ".bin" not in found]
         if missing:
             raise DataError(f"{path} lacks {BIN_DIR}/{', '.join(missing)}; download it again from {URL}")
-        parts = [parse_binary_batch(found[n + ".bin"], f"{path}:{n}.bin") for n in names]
-        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        batches = [parse_binary_batch(found[n + ".bin"], f"{path}:{n}.bin") for n in names]
+        x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
         out[split] = make_raw(x, y, 255.0, f"CIFAR-10 binary tarball {path}", "cifar10")
     return out
 

@@ -1,7 +1,7 @@
 """Opt-in downloads of official dataset files, verified by SHA-256 before they are kept.
 
 Only the standard library (``urllib``) is used. A download streams into a temporary file next to the
-target (through :func:`marginlab.fsio.atomic_write_with`) while it is hashed; the file is renamed into
+target (through :func:`marginlab.base.fsio.atomic_write_with`) while it is hashed; the file is renamed into
 place only when the checksum matches, so a failed or corrupt download never leaves a file behind.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from marginlab.errors import DataError
-from marginlab.fsio import atomic_write_with
+from marginlab.base.errors import DataError
+from marginlab.base.fsio import atomic_write_with
 
 log = logging.getLogger(__name__)
 

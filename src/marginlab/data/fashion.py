@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from marginlab.base.errors import DataError
 from marginlab.data.base import DATASETS, DatasetInfo, RawSplit
 from marginlab.data.idx import idx_stems
 from marginlab.data.idx_source import idx_split
-from marginlab.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 MIRRORS = (

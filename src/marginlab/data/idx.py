@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from marginlab.base.errors import DataError
 from marginlab.data.checksums import FileSums, check_sha256, sha256_bytes
-from marginlab.errors import DataError
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049

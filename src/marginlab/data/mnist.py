@@ -20,17 +20,16 @@ import functools
 import gzip
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from marginlab.base.errors import DataError
 from marginlab.data.base import DATASETS, DatasetInfo, RawSplit, make_raw
 from marginlab.data.checksums import OFFICIAL, check_sha256, sha256_bytes
 from marginlab.data.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_stems
 from marginlab.data.idx_source import idx_split
 from marginlab.data.locate import dataset_dirs, file_key, find_package_file
 from marginlab.data.safe_pickle import load_numpy_pickle
-from marginlab.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def _read_bundle(key: tuple[str, int, int]) -> dict[str, RawSplit]:
     return out
 
 
-def _bundle_parts(obj: Any, path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+def _bundle_parts(obj: object, path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """Check the classic layout: three ``(float [N, 784], int [N])`` pairs (train, valid, test)."""
     bad = DataError(f"{path} is not the classic mnist.pkl.gz layout of three (images, labels) pairs")
     if not isinstance(obj, tuple | list) or len(obj) != 3:

@@ -10,19 +10,39 @@ Object arrays are refused too, because their elements could smuggle in further o
 
 from __future__ import annotations
 
+import importlib
 import pickle
-from typing import IO, Any
+from collections.abc import Callable
+from types import ModuleType
+from typing import NoReturn, Protocol
 
 import numpy as np
 
-try:  # numpy >= 2
-    from numpy._core import multiarray as _multiarray
-    from numpy._core import numeric as _numeric
-except ImportError:  # numpy 1.26
-    from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
-    from numpy.core import numeric as _numeric  # type: ignore[no-redef]
+from marginlab.base.errors import DataError
 
-from marginlab.errors import DataError
+
+def _numpy_core(name: str) -> ModuleType:
+    """numpy's private module ``name``: ``numpy._core.<name>`` (numpy >= 2), else ``numpy.core.<name>``."""
+    try:
+        return importlib.import_module(f"numpy._core.{name}")
+    except ImportError:  # numpy 1.26
+        return importlib.import_module(f"numpy.core.{name}")
+
+
+_multiarray = _numpy_core("multiarray")
+_numeric = _numpy_core("numeric")
+
+
+class ReadableBinary(Protocol):
+    """What :func:`load_numpy_pickle` reads from: an open binary file (plain, gzip, a tar member...)."""
+
+    def read(self, n: int, /) -> bytes:
+        """Up to ``n`` bytes."""
+        ...
+
+    def readline(self) -> bytes:
+        """Bytes up to and including the next newline."""
+        ...
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -41,7 +61,7 @@ def _bytes(data: bytes = b"") -> bytes:
 
 # (module, name) as written in the pickle -> the object it may resolve to. Pickles written by numpy < 2
 # name ``numpy.core.multiarray``; numpy >= 2 writes ``numpy._core.multiarray``.
-ALLOWED: dict[tuple[str, str], Any] = {
+ALLOWED: dict[tuple[str, str], Callable[..., object]] = {
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _bytes,
     ("builtins", "bytes"): _bytes,
@@ -55,17 +75,17 @@ ALLOWED: dict[tuple[str, str], Any] = {
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
+    def find_class(self, module: str, name: str) -> Callable[..., object]:
         try:
             return ALLOWED[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
 
-    def persistent_load(self, pid: Any) -> Any:
+    def persistent_load(self, pid: object) -> NoReturn:
         raise pickle.UnpicklingError("refusing a persistent id")
 
 
-def load_numpy_pickle(f: IO[bytes], where: str) -> Any:
+def load_numpy_pickle(f: ReadableBinary, where: str) -> object:
     """Unpickle ``f`` admitting numpy arrays only; ``where`` names the file in error messages.
 
     ``encoding="latin1"`` lets Python 3 read Python 2 pickles of arrays (their raw bytes are ``str``).
@@ -84,7 +104,7 @@ def load_numpy_pickle(f: IO[bytes], where: str) -> Any:
     return obj
 
 
-def _refuse_object_arrays(obj: Any, where: str) -> None:
+def _refuse_object_arrays(obj: object, where: str) -> None:
     if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
         raise DataError(f"{where}: refusing an object array in a pickle; only numeric arrays are allowed")
     if isinstance(obj, dict):

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 import torch
 
-from marginlab.errors import ConfigError, DataError
+from marginlab.base.errors import ConfigError, DataError
 
 LABEL_MODES = ("index", "pm1")
 

@@ -15,15 +15,19 @@ Inputs must lie in [0, 1]; the attacks keep their points in [0, 1].
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from marginlab.config import check_count, check_positive, require
-from marginlab.errors import ConfigError
+from marginlab.base.config import check_count, check_positive, require
+from marginlab.base.errors import ConfigError
+from marginlab.base.seed import check_seed
+from marginlab.core.norms import Norm
 from marginlab.estimators.base import Estimator, MarginKind, register
-from marginlab.seed import check_seed
+
+if TYPE_CHECKING:  # foolbox is slow to import: at run time only the attacks import it, lazily
+    from foolbox.attacks.base import MinimizationAttack
 
 
 class _TowardClass(nn.Module):
@@ -81,7 +85,9 @@ class MinNormAttack(Estimator):
         """Adversarial candidates ``[n,C,H,W]`` for points that ``model`` classifies as ``labels``."""
         raise NotImplementedError
 
-    def _foolbox(self, attack: Any, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _foolbox(
+        self, attack: "MinimizationAttack", model: nn.Module, x: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         import foolbox as fb  # imported lazily: slow to import, and only the attacks need it
 
         fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
@@ -142,7 +148,7 @@ class DDN(MinNormAttack):
         return self._foolbox(attack, model, x, labels)
 
 
-def _fixed_l2_fmn(**kwargs: Any) -> Any:
+def _fixed_l2_fmn(*, steps: int, max_stepsize: float, gamma: float) -> "MinimizationAttack":
     """foolbox 3.3.4's L2 FMN with its projection repaired (inputs in [0, 1]).
 
     Its ``L2FMNAttack.project`` scales by ``min(1, norms / norms)`` (always 1), so the iterate is
@@ -159,12 +165,12 @@ def _fixed_l2_fmn(**kwargs: Any) -> Any:
     from foolbox.devutils import atleast_kd, flatten
 
     class FixedL2FMN(L2FMNAttack):
-        def project(self, x: Any, x0: Any, epsilon: Any) -> Any:
+        def project(self, x: ep.Tensor, x0: ep.Tensor, epsilon: ep.Tensor) -> ep.Tensor:
             delta = ep.clip(x, 0.0, 1.0) - x0
             norms = ep.maximum(flatten(delta).norms.l2(axis=-1), 1e-12)
             return x0 + delta * atleast_kd(ep.minimum(1, epsilon / norms), x.ndim)
 
-    return FixedL2FMN(**kwargs)
+    return FixedL2FMN(steps=steps, max_stepsize=max_stepsize, gamma=gamma)
 
 
 @register("fmn")
@@ -186,8 +192,10 @@ class FMN(MinNormAttack):
         from foolbox.attacks import LInfFMNAttack
 
         step = self.max_stepsize if self.max_stepsize is not None else (1.0 if p == 2 else 0.1)
-        kwargs = {"steps": self.steps, "max_stepsize": step, "gamma": self.gamma}
-        attack = _fixed_l2_fmn(**kwargs) if p == 2 else LInfFMNAttack(**kwargs)
+        if p == 2:
+            attack = _fixed_l2_fmn(steps=self.steps, max_stepsize=step, gamma=self.gamma)
+        else:
+            attack = LInfFMNAttack(steps=self.steps, max_stepsize=step, gamma=self.gamma)
         return self._foolbox(attack, model, x, labels)
 
 
@@ -219,7 +227,7 @@ class FAB(MinNormAttack):
         eps = self.eps if self.eps is not None else (math.sqrt(x[0].numel()) if p == 2 else 1.0)
         attack = FABAttack_PT(
             model,
-            norm="L2" if p == 2 else "Linf",
+            norm=str(Norm.parse(p)),  # "L2" or "Linf", pyautoattack's spelling too
             n_restarts=self.n_restarts,
             n_iter=self.n_iter,
             eps=eps,

@@ -9,6 +9,7 @@ a lower bound <= the margin <= an upper bound, and for misclassified ones the or
 """
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,9 +20,10 @@ from typing import Any, ClassVar, final
 import torch
 from torch import nn
 
-from marginlab.config import check_count, from_dict
-from marginlab.errors import ConfigError
-from marginlab.registry import Registry
+from marginlab.base.config import check_count, from_dict
+from marginlab.base.errors import ConfigError
+from marginlab.base.registry import Registry
+from marginlab.core.norms import Norm
 
 
 class MarginKind(StrEnum):
@@ -36,19 +38,21 @@ class MarginKind(StrEnum):
 ESTIMATORS: Registry[type["Estimator"]] = Registry("estimator")
 
 
-def norm_order(p: float | int | str) -> float:
-    """Parse an attack norm: ``2``, ``"2"``, ``"l2"`` -> 2.0; ``inf``, ``"inf"``, ``"linf"`` -> inf."""
-    text = str(p).strip().lower().removeprefix("l")
-    if text in ("2", "2.0"):
-        return 2.0
-    if text in ("inf", "infinity"):
-        return math.inf
-    raise ConfigError(f"unsupported norm p={p!r}; use 2 or inf")
+NORMS: tuple[Norm, ...] = (Norm.L2, Norm.Linf)  # the norms estimators work in (each says which it supports)
+NORM_ERROR = "unsupported norm p={value!r}; use 2 or inf"  # Norm.parse's message for any other value
 
 
-def dual_norm(p: float) -> float:
-    """The dual exponent q of p (1/p + 1/q = 1) for the supported norms."""
-    return 2.0 if p == 2.0 else 1.0
+def norm_order(p: Norm | float | int | str) -> float:
+    """Deprecated: use ``Norm.parse(p, NORMS, error=NORM_ERROR).p`` (:class:`marginlab.core.norms.Norm`).
+
+    ``2``, ``"2"``, ``"l2"`` -> 2.0; ``inf``, ``"inf"``, ``"linf"`` -> inf; else a ConfigError.
+    """
+    warnings.warn(
+        "marginlab.estimators.norm_order is deprecated; use marginlab.core.norms.Norm.parse(p).p",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return Norm.parse(p, NORMS, error=NORM_ERROR).p
 
 
 def register(name: str) -> Callable[[type["Estimator"]], type["Estimator"]]:
@@ -115,10 +119,14 @@ class Estimator(ABC):
 
     @final
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p: float | str = 2
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p: Norm | float | str = 2
     ) -> torch.Tensor:
-        """Signed margins ``[N]`` (float64, CPU) of images ``x [N,C,H,W]`` in [0, 1] with labels ``y [N]``."""
-        p = norm_order(p)
+        """Signed margins ``[N]`` (float64, CPU) of images ``x [N,C,H,W]`` in [0, 1] with labels ``y [N]``.
+
+        ``p``: the norm, any spelling :meth:`Norm.parse` accepts (``2``, ``"L2"``, ``inf``, ``"Linf"``);
+        the hooks get its order as a float (2.0 or ``math.inf``).
+        """
+        p = Norm.parse(p, NORMS, error=NORM_ERROR).p
         if p not in self.norms:
             raise ConfigError(f"{self.name} does not support p={p}; supported: {sorted(self.norms)}")
         _check_inputs(x, y)

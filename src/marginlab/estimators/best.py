@@ -9,23 +9,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from marginlab.errors import ConfigError
+from marginlab.base.errors import ConfigError
+from marginlab.base.inputs import check_model_outputs, check_train_mode, prepare_inputs
+from marginlab.core.norms import Norm
 from marginlab.estimators.base import (
     ESTIMATORS,
+    NORM_ERROR,
+    NORMS,
     Estimator,
     MarginKind,
     build_estimator,
     evaluating,
     model_device,
-    norm_order,
     register,
     validate_params,
 )
+from marginlab.estimators.presets import best_attacks
 
-# DDN and FMN: on trained MNIST nets each alone is within 1% of a 1000-step reference at the median, but
-# each misses on different points (FMN's 90th percentile is 4-10% above it); their per-point minimum is
-# within 1% on 97-98% of points, for the cost DeepFool + DDN had (benchmarks/bench_bounds.py).
-DEFAULT_BEST = ("ddn", "fmn")
+DEFAULT_BEST = best_attacks(Norm.L2)  # the old name of the L2 default (marginlab.estimators.presets)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,9 @@ class Best(Estimator):
         return combine_upper_bounds(values)
 
 
-def default_attacks(p: float) -> tuple[str, ...]:
-    """The attacks ``best`` combines when none are named: DDN and FMN for L2, FMN and DeepFool for L∞."""
-    return DEFAULT_BEST if p == 2.0 else ("fmn", "deepfool")
+def default_attacks(p: Norm | float | str) -> tuple[str, ...]:
+    """The attacks ``best`` combines when none are named (see :mod:`marginlab.estimators.presets`)."""
+    return best_attacks(p)
 
 
 def estimate_margins(
@@ -105,7 +106,7 @@ def estimate_margins(
     y: torch.Tensor,
     names: Sequence[str],
     *,
-    p: float | str = 2,
+    p: Norm | float | str = 2,
     batch_size: int | None = None,
     params: dict[str, dict[str, object]] | None = None,
     device: str | torch.device | None = None,
@@ -115,14 +116,12 @@ def estimate_margins(
 
     ``x``/``y`` may be numpy arrays (``[N, H, W]`` grey images gain their channel axis); a model that
     outputs probabilities is refused (margins are defined on logits) and one in train mode is evaluated
-    in eval mode with a warning (:mod:`marginlab.inputs`, the same checks as ``robust_accuracy``).
+    in eval mode with a warning (:mod:`marginlab.base.inputs`, the same checks as ``robust_accuracy``).
     ``params`` maps an estimator name to its keyword parameters; ``batch_size`` overrides every
     estimator's batch size; ``device`` moves the model there first (else it stays where it is).
     ``"best"`` reuses the attacks computed for the other names (its own ``attacks`` parameter, or
     DDN and FMN, when no attack is named).
     """
-    from marginlab.inputs import check_model_outputs, check_train_mode, prepare_inputs
-
     params = params or {}
     unknown = sorted(set(params) - set(names))
     if unknown:
@@ -130,6 +129,7 @@ def estimate_margins(
     for name in names:
         ESTIMATORS.get(name)  # fail on a typo before any long computation
     params = {name: validate_params(name, kw) for name, kw in params.items()}  # and on a bad value
+    order = Norm.parse(p, NORMS, error=NORM_ERROR).p  # 2.0 or inf, what the estimators get
     if device is not None:
         model.to(device)
     x, y = prepare_inputs(x, y)
@@ -147,9 +147,9 @@ def estimate_margins(
                 kw["batch_size"] = batch_size
             est = build_estimator(name, **kw)
             start = time.perf_counter()
-            values = est(model, x, y, p=p)
+            values = est(model, x, y, p=order)
             seconds = time.perf_counter() - start
-            results[name] = MarginResult(name, est.kind, values, _fields(est), seconds, norm_order(p))
+            results[name] = MarginResult(name, est.kind, values, _fields(est), seconds, order)
         return results[name]
 
     for name in names:
@@ -160,14 +160,14 @@ def estimate_margins(
         attacks = (
             best_params.pop("attacks", None)
             or [n for n in names if _is_attack(n)]
-            or default_attacks(norm_order(p))
+            or default_attacks(order)
         )
         best = build_estimator("best", attacks=attacks)  # validates the names
         start = time.perf_counter()
         parts = [run(a) for a in best.attacks]
         values = combine_upper_bounds([r.values for r in parts])
         seconds = time.perf_counter() - start + sum(r.seconds for r in parts)
-        results["best"] = MarginResult("best", best.kind, values, _fields(best), seconds, norm_order(p))
+        results["best"] = MarginResult("best", best.kind, values, _fields(best), seconds, order)
     return {name: results[name] for name in names}
 
 

@@ -1,8 +1,8 @@
 """``crown``: a certified lower bound of the margin by linear bound propagation and bisection on the radius.
 
 For a point ``x`` predicted as its label ``y``, the radius ``eps`` is *certified* when the bound
-propagation of :mod:`marginlab.bounds` proves ``min_{k != y} (f_y - f_k)(x') > 0`` for every ``x'`` in
-the ball ``||x' - x||_p <= eps`` (intersected with the image box [0,1]^d in the ``box`` domain). The
+propagation of :mod:`marginlab.bounds.crown` proves ``min_{k != y} (f_y - f_k)(x') > 0`` for every ``x'``
+in the ball ``||x' - x||_p <= eps`` (intersected with the image box [0,1]^d in the ``box`` domain). The
 certified radii form an interval ``[0, r]`` (bounds over a smaller set are never looser), so bisection
 finds ``r`` to relative precision ``rtol`` from below, batched over the points of a batch:
 
@@ -27,8 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from marginlab.bounds import CROWN_BUDGET, Op, lower_bounds, margin_spec, network_ops, parse_domain
-from marginlab.errors import ConfigError
+from marginlab.base.errors import ConfigError
+from marginlab.bounds.crown import CROWN_BUDGET, lower_bounds, margin_spec
+from marginlab.bounds.domain import parse_domain
+from marginlab.bounds.network import network_ops
+from marginlab.bounds.ops import Op
 from marginlab.estimators.base import Estimator, MarginKind, build_estimator, register
 
 
@@ -109,7 +112,7 @@ class Crown(Estimator):
 
     ``domain``: ``"box"`` ([0,1]^d, default) or ``"rd"``; ``rtol``: bisection precision;
     ``crown_budget``: a layer gets backward-propagated bounds when its neurons times the widest layer
-    below it is at most this (else interval bounds; see :mod:`marginlab.bounds`);
+    below it is at most this (else interval bounds; see :mod:`marginlab.bounds.crown`);
     ``warm_start``: start from the Lipschitz bound.
     """
 

@@ -1,6 +1,6 @@
 """``exact-linear``: the closed-form margin of a multiclass linear model.
 
-``m = min_{k!=y} ((w_y - w_k)·x + b_y - b_k) / ||w_y - w_k||_q`` (``marginlab.linear``). Exact for
+``m = min_{k!=y} ((w_y - w_k)·x + b_y - b_k) / ||w_y - w_k||_q`` (``marginlab.core.linear``). Exact for
 every correctly classified point; for a misclassified one it is the signed value of the same
 formula (exact for two classes; with more classes its magnitude is a lower bound of the distance
 to the region of ``y``, which is a polytope).
@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from marginlab.errors import ConfigError
+from marginlab.base.errors import ConfigError
+from marginlab.core.linear import linear_margins
 from marginlab.estimators.base import Estimator, MarginKind, register
+from marginlab.nets.models import MarginNet  # local import: models does not depend on estimators
 
 # Modules that keep a model linear: they only reshape (Dropout is the identity in eval mode).
 _RESHAPES = (nn.Flatten, nn.Identity, nn.Dropout)
@@ -30,8 +32,6 @@ def linear_parameters(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | N
     Recognised: a MarginNet whose ``phi`` only reshapes, or an ``nn.Sequential`` of reshapes ending
     in one ``nn.Linear``.
     """
-    from marginlab.models import MarginNet  # local import: models does not depend on estimators
-
     if isinstance(model, MarginNet):
         phi, head = model.phi, model.head
     elif isinstance(model, nn.Sequential) and len(model) and isinstance(model[-1], nn.Linear):
@@ -60,8 +60,6 @@ class ExactLinear(Estimator):
             )
 
     def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-        from marginlab.linear import linear_margins
-
         params = linear_parameters(model)
         assert params is not None  # checked in _prepare
         weight, bias = params

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from marginlab.estimators.base import Estimator, MarginKind, dual_norm, register
+from marginlab.core.norms import Norm
+from marginlab.estimators.base import Estimator, MarginKind, register
 
 
 def gap_gradient_norms(
@@ -58,5 +59,5 @@ class FirstOrder(Estimator):
     needs = frozenset({"grad"})
 
     def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-        gaps, norms = gap_gradient_norms(model, x, y, dual_norm(p))
+        gaps, norms = gap_gradient_norms(model, x, y, Norm.parse(p).q)
         return min_ratio(gaps, norms, y)

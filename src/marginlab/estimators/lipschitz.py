@@ -24,23 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from marginlab.errors import ConfigError
-from marginlab.estimators.base import Estimator, MarginKind, dual_norm, register
+from marginlab.base.errors import ConfigError
+from marginlab.core.norms import Norm
+from marginlab.estimators.base import Estimator, MarginKind, register
 from marginlab.estimators.first_order import min_ratio
+from marginlab.nets.models import MarginNet
 
 _ONE_LIPSCHITZ = (nn.ReLU, nn.Softplus, nn.Tanh, nn.Flatten, nn.Identity, nn.Dropout)
 
 
 def split_layers(model: nn.Module) -> tuple[list[nn.Module], nn.Linear]:
     """``(layers of Φ in order, head)`` for a MarginNet or an ``nn.Sequential`` ending in Linear."""
-    from marginlab.models import MarginNet
-
     if isinstance(model, MarginNet):
         return _flatten(model.phi), model.head
     layers = _flatten(model) if isinstance(model, nn.Sequential) else []
-    if not layers or not isinstance(layers[-1], nn.Linear):
+    head = layers[-1] if layers else None
+    if not isinstance(head, nn.Linear):
         raise ConfigError("lipschitz needs a MarginNet or an nn.Sequential ending in nn.Linear")
-    return layers[:-1], layers[-1]  # type: ignore[return-value]
+    return layers[:-1], head
 
 
 def _flatten(module: nn.Module) -> list[nn.Module]:
@@ -65,15 +66,17 @@ def conv_spectral_bound(conv: nn.Conv2d, in_hw: tuple[int, int]) -> float:
 
 def conv_power_iteration(conv: nn.Conv2d, in_shape: tuple[int, int, int], iters: int = 100) -> float:
     """Power-iteration estimate (from below) of the L2 norm of ``conv`` (bias ignored) on ``in_shape``."""
-    weight = conv.weight.detach().double()
+    if isinstance(conv.padding, str):  # conv_transpose2d, the adjoint, takes numbers only
+        raise ConfigError(f"conv_power_iteration needs numeric padding, got padding={conv.padding!r}")
+    weight, stride, padding = conv.weight.detach().double(), conv.stride, conv.padding
     v = torch.randn(1, *in_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    kwargs = {"stride": conv.stride, "padding": conv.padding}
     sigma = 0.0
     for _ in range(iters):
         v = v / v.norm()
-        u = F.conv2d(v, weight, **kwargs)
+        u = F.conv2d(v, weight, stride=stride, padding=padding)
         sigma = float(u.norm())
-        v = F.conv_transpose2d(u, weight, output_padding=_output_padding(conv, in_shape, u), **kwargs)
+        extra = _output_padding(conv, in_shape, u)
+        v = F.conv_transpose2d(u, weight, stride=stride, padding=padding, output_padding=extra)
     return sigma
 
 
@@ -127,7 +130,7 @@ class Lipschitz(Estimator):
         w = head.weight.detach().double()
         diff = w[:, None, :] - w[None, :, :]  # [K(y), K(k), F]: rows w_y - w_k
         if not weighted:  # linear model: exact dual norm, any p
-            self._lip = torch.linalg.vector_norm(diff, ord=dual_norm(p), dim=2)
+            self._lip = torch.linalg.vector_norm(diff, ord=Norm.parse(p).q, dim=2)
             return
         scale = feature_lipschitz(layers, x1)
         if p == math.inf:

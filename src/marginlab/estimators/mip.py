@@ -4,11 +4,9 @@ For a point ``x0`` predicted as its label ``y`` and each other class ``k`` the p
 
     min ||delta||_p   s.t.   f_k(x0 + delta) >= f_y(x0 + delta),   x0 + delta in the domain,
 
-and the margin is the minimum over ``k``. Every ReLU ``a = max(z, 0)`` with pre-activation bounds
-``l < 0 < u`` becomes the big-M encoding with one binary ``b``: ``a >= z, a >= 0, a <= z - l (1 - b),
-a <= u b`` (stable neurons stay linear); max-pooling uses one binary per window entry. ``p = inf`` and
-``p = 1`` give MILPs, ``p = 2`` an MIQP (``||delta||_2^2 <= t``, minimise ``t``). The bounds ``l, u``
-come from :mod:`marginlab.bounds` over the ball whose radius is the best perturbation found so far:
+and the margin is the minimum over ``k``. The network becomes a MILP (``p = inf``, ``p = 1``) or an MIQP
+(``p = 2``) by the big-M encoding of :mod:`marginlab.bounds.milp`; its pre-activation bounds ``l, u`` come
+from :mod:`marginlab.bounds.crown` over the ball whose radius is the best perturbation found so far:
 tight bounds are what makes the programs fast. Every program is cut off at that radius (a class that
 cannot beat ``y`` closer than the best so far is infeasible, or pruned by the bound propagation before
 SCIP runs), and classes are tried in order of their logit gap, closest first. A misclassified point gets
@@ -33,35 +31,30 @@ which lies in the box, so it bounds the margin in both domains. Needs the option
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
 
 import torch
 from torch import nn
 
-from marginlab.bounds import (
-    Affine,
-    InputSet,
-    MaxPool,
-    Op,
-    ReLU,
-    layer_bounds,
-    lower_bounds,
-    margin_spec,
-    network_ops,
-    parse_domain,
-)
-from marginlab.errors import ConfigError
+from marginlab.base.errors import ConfigError
+from marginlab.bounds.crown import layer_bounds, lower_bounds, margin_spec
+from marginlab.bounds.domain import InputSet, parse_domain
+from marginlab.bounds.milp import Block, MilpProgram, network_blocks
+from marginlab.bounds.network import network_ops
+from marginlab.bounds.ops import Op
 from marginlab.estimators.base import Estimator, MarginKind, build_estimator, register
+from marginlab.estimators.crown import certified_radius
 
 VERIFY_TOL = 1e-4  # logits: SCIP's feasibility tolerances (1e-6 and 1e-8) times the big-M scale of a net
 _SLACK = 1e-6  # relative: an attack's radius is cut off a little above, so its own solution stays feasible
 
 
-def require_scip() -> Any:
+def require_scip() -> ModuleType:
     """``pyscipopt``, or a one-line ConfigError naming the extra that installs it."""
     try:
         import pyscipopt
@@ -92,150 +85,13 @@ class PointResult:
     programs: int
 
 
-def _affine_matrix(block: Sequence[Affine]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M [out,in], c [out])`` of a chain of affine ops (float64), by applying it to the identity."""
-    n_in = math.prod(block[0].in_shape)
-    h = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *block[0].in_shape)
-    c = torch.zeros(1, *block[0].in_shape, dtype=torch.float64)
-    for op in block:
-        h, c = op.lin(h), op.forward(c)
-    return h.reshape(n_in, -1).T.contiguous(), c.flatten()
-
-
-def _blocks(ops: Sequence[Op]) -> list[tuple[str, Any, int]]:
-    """Merge consecutive affine ops: ``[("affine", (M, c), first op index) | ("relu"/"pool", op, index)]``."""
-    out: list[tuple[str, Any, int]] = []
-    run: list[Affine] = []
-    for i, op in enumerate([*ops, None]):
-        if isinstance(op, Affine):
-            run.append(op)
-            continue
-        if run:
-            out.append(("affine", _affine_matrix(run), i - len(run)))
-            run = []
-        if op is not None:
-            out.append(("relu" if isinstance(op, ReLU) else "pool", op, i))
-    return out
-
-
-class _Program:
-    """One SCIP model: the network on ``x0 + delta`` with the bounds of a given radius."""
-
-    def __init__(self, scip: Any, blocks: list, bounds: dict, x0: torch.Tensor, inset: InputSet) -> None:
-        self.m = scip.Model()
-        self.m.hideOutput()
-        self.m.setParam("randomization/randomseedshift", 0)
-        self.scip = scip
-        lo, hi = (t[0].tolist() for t in inset.interval())
-        x = x0.flatten().tolist()
-        self.delta = [self.m.addVar(lb=l - xi, ub=u - xi) for l, u, xi in zip(lo, hi, x, strict=True)]
-        h: list[Any] = [xi + d for xi, d in zip(x, self.delta, strict=True)]
-        for kind, item, i in blocks[:-1]:
-            if kind == "affine":
-                h = self._affine(h, *item)
-            elif kind == "relu":
-                h = self._relu(h, *(t[0].flatten().tolist() for t in bounds[i]))
-            else:
-                h = self._pool(h, item, bounds[i])
-        self.features = h
-        self.head = blocks[-1][1]
-
-    def _affine(self, h: list[Any], m: torch.Tensor, c: torch.Tensor) -> list[Any]:
-        return [self._dot(row, h) + float(cj) for row, cj in zip(m, c, strict=True)]
-
-    def _dot(self, row: torch.Tensor, h: list[Any]) -> Any:
-        nz = row.nonzero()[:, 0].tolist()
-        values = row.tolist()
-        return self.scip.quicksum(values[i] * h[i] for i in nz if not isinstance(h[i], float) or h[i] != 0.0)
-
-    def _relu(self, z: list[Any], lo: list[float], hi: list[float]) -> list[Any]:
-        out: list[Any] = []
-        for zj, l, u in zip(z, lo, hi, strict=True):
-            if u <= 0:
-                out.append(0.0)
-                continue
-            v = self.m.addVar(lb=l, ub=u)
-            self.m.addCons(v == zj)
-            if l >= 0:
-                out.append(v)
-                continue
-            a = self.m.addVar(lb=0.0, ub=u)
-            b = self.m.addVar(vtype="B")
-            self.m.addCons(a >= v)
-            self.m.addCons(a <= v - l * (1 - b))
-            self.m.addCons(a <= u * b)
-            out.append(a)
-        return out
-
-    def _pool(self, h: list[Any], op: MaxPool, bounds: tuple[torch.Tensor, torch.Tensor]) -> list[Any]:
-        index = torch.arange(math.prod(op.in_shape), dtype=torch.float64).reshape(1, *op.in_shape)
-        win = op.windows(index)[0].long()  # [C,kk,L]: flat input index of every window entry
-        lw, uw = (op.windows(t)[0] for t in bounds)
-        out: list[Any] = []
-        for c in range(win.shape[0]):
-            for w in range(win.shape[2]):
-                ids, lows, ups = win[c, :, w].tolist(), lw[c, :, w].tolist(), uw[c, :, w].tolist()
-                best_low = max(lows)
-                live = [j for j in range(len(ids)) if ups[j] >= best_low]  # others are never the max
-                if len(live) == 1:
-                    out.append(h[ids[live[0]]])
-                    continue
-                top = max(ups[j] for j in live)
-                a = self.m.addVar(lb=best_low, ub=top)
-                bs = [self.m.addVar(vtype="B") for _ in live]
-                for j, b in zip(live, bs, strict=True):
-                    self.m.addCons(a >= h[ids[j]])
-                    self.m.addCons(a <= h[ids[j]] + (top - lows[j]) * (1 - b))
-                self.m.addCons(self.scip.quicksum(bs) == 1)
-                out.append(a)
-        return out
-
-    def logit_gap(self, k: int, y: int) -> Any:
-        """Expression of ``f_k - f_y``."""
-        m, c = self.head
-        return self._dot(m[k] - m[y], self.features) + float(c[k] - c[y])
-
-    def objective(self, p: float, cutoff: float) -> None:
-        """Minimise ``||delta||_p`` (``p = 2``: its square) below ``cutoff`` (a norm)."""
-        if p == math.inf:
-            t = self.m.addVar(lb=0.0, ub=cutoff)
-            for d in self.delta:
-                self.m.addCons(t >= d)
-                self.m.addCons(t >= -d)
-            self.m.setObjective(t)
-        elif p == 1.0:
-            s = [self.m.addVar(lb=0.0) for _ in self.delta]
-            for si, d in zip(s, self.delta, strict=True):
-                self.m.addCons(si >= d)
-                self.m.addCons(si >= -d)
-            self.m.addCons(self.scip.quicksum(s) <= cutoff)
-            self.m.setObjective(self.scip.quicksum(s))
-        else:
-            t = self.m.addVar(lb=0.0, ub=cutoff**2)
-            self.m.addCons(self.scip.quicksum(d * d for d in self.delta) <= t)
-            self.m.setObjective(t)
-
-    def solve(self, seconds: float, p: float) -> tuple[str, float, torch.Tensor | None]:
-        """``(status, dual bound as a norm, delta or None)`` after at most ``seconds``."""
-        self.m.setParam("limits/time", max(seconds, 0.01))
-        if p != 2.0:
-            # Tighter than SCIP's 1e-6 for the MILPs: a nearly-integral big-M binary leaks l * tol into a
-            # ReLU. (For the MIQP it makes the quadratic constraint very slow to enforce: default there.)
-            self.m.setParam("numerics/feastol", 1e-8)
-        self.m.optimize()
-        status = self.m.getStatus()
-        delta = None
-        if self.m.getNSols() > 0:
-            sol = self.m.getBestSol()
-            delta = torch.tensor([self.m.getSolVal(sol, d) for d in self.delta], dtype=torch.float64)
-        dual = self.m.getDualbound() if status != "infeasible" else math.inf
-        return status, dual, delta
-
-
 @dataclass(frozen=True)
 class _Setup:
+    """What every point's programs share: the network's ops and MILP blocks, the norm, the domain
+    (``box``: [0,1]^d) and the time limit per point in seconds."""
+
     ops: Sequence[Op]
-    blocks: list
+    blocks: list[Block]
     p: float
     box: bool
     time_limit: float
@@ -285,7 +141,7 @@ def solve_point(
             if bool(lower_bounds(setup.ops, x0[None], inset.eps, spec, p=p, box=box)[0, 0] > 0):
                 lowers.append(best)
                 continue
-        prog = _Program(scip, setup.blocks, bounds, x0, inset)
+        prog = MilpProgram(scip, setup.blocks, bounds, x0, inset)
         if k is not None:
             gaps = [prog.logit_gap(k, y)]
         else:  # into the region of y: f_y >= f_j for every j
@@ -344,7 +200,7 @@ class Mip(Estimator):
 
     def _prepare(self, model: nn.Module, x1: torch.Tensor, p: float) -> None:
         ops = network_ops(model, tuple(x1.shape[1:]))
-        self._setup = _Setup(ops, _blocks(ops), p, self.domain == "box", self.time_limit)
+        self._setup = _Setup(ops, network_blocks(ops), p, self.domain == "box", self.time_limit)
         self._model64 = _float64_copy(model)
         self.last_details = []
 
@@ -368,8 +224,6 @@ def _raise_lower_ends(
 ) -> None:
     """Unclosed points: the lower end becomes at least the crown certified radius (classes SCIP never
     reached within the time limit would otherwise leave it at 0)."""
-    from marginlab.estimators.crown import certified_radius
-
     weak = [i for i, r in enumerate(results) if r.status != "exact"]
     if not weak:
         return
@@ -382,6 +236,4 @@ def _raise_lower_ends(
 
 def _float64_copy(model: nn.Module) -> nn.Module:
     """A CPU float64 copy for verification (the float32 model could flip a tie the solver resolved)."""
-    import copy
-
     return copy.deepcopy(model).to("cpu", torch.float64).eval()

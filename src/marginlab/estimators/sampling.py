@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from marginlab.config import check_count, check_positive
-from marginlab.estimators.base import Estimator, MarginKind, dual_norm, register
+from marginlab.base.config import check_count, check_positive
+from marginlab.base.seed import check_seed
+from marginlab.core.norms import Norm
+from marginlab.estimators.base import Estimator, MarginKind, register
 from marginlab.estimators.first_order import gap_gradient_norms, min_ratio
-from marginlab.seed import check_seed
 
 
 def uniform_ball(
@@ -79,7 +80,7 @@ class Sampling(Estimator):
 
     def _chunk(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
         """Estimate for ``x [P,C,H,W]``: ``P * n_samples`` gradient evaluations per batch."""
-        q = dual_norm(p)
+        q = Norm.parse(p).q
         n_points, dim = len(x), x[0].numel()
         with torch.no_grad():
             logits = model(x)

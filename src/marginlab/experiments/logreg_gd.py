@@ -32,13 +32,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from marginlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from marginlab.config import check_positive, require
-from marginlab.errors import ConfigError, RunDirError
-from marginlab.fsio import atomic_write_with, read_npz
-from marginlab.logistic import LogisticGD
-from marginlab.runs import ADV_IMAGES, SVM, RunDir, margins_file
-from marginlab.seed import seed_everything
+from marginlab.base.config import check_positive, require
+from marginlab.base.device import resolve_device
+from marginlab.base.errors import RunDirError
+from marginlab.base.fsio import atomic_write_with
+from marginlab.base.seed import seed_everything
+from marginlab.core.linear import binary_margins
+from marginlab.core.logistic import LogisticGD
+from marginlab.core.stats import margin_stats
+from marginlab.core.svm import direction_cosine, hard_margin_svm
+from marginlab.data import load_dataset
+from marginlab.lab.readers import read_svm
+from marginlab.lab.runs import ADV_IMAGES, SVM, RunDir, margins_file
+from marginlab.plots.logreg import plot_logreg
+from marginlab.training.checkpoint import TrainingState, resume_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +95,6 @@ class Config:
 
 
 # -- what is recorded, and when ------------------------------------------------------------------------
-QUANTILES = {"q10": 0.10, "q25": 0.25, "median": 0.50, "q75": 0.75, "q90": 0.90}
-
-
 def record_epochs(epochs: int, every_until: int, n_log: int) -> list[int]:
     """Every epoch up to ``every_until``, then about ``n_log`` log-spaced epochs up to ``epochs``."""
     early = set(range(1, min(every_until, epochs) + 1))
@@ -107,24 +111,20 @@ def snapshot_epochs(recorded: list[int], k: int) -> list[int]:
     return sorted(picks | {recorded[-1]})
 
 
-def margin_stats(
+def split_stats(
     w: torch.Tensor, b: float, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Loss, error and the distribution of the exact signed L2 margins ``y(w·x+b)/‖w‖``.
+    """Loss, error and the distribution of the exact signed L2 margins ``y(w·x+b)/‖w‖``
+    (:func:`marginlab.core.stats.margin_stats`, its ``"gd"`` form).
 
     Args: w [D], x [N, D], y ±1 [N] (float64). Returns the stats dict and the margins [N].
     """
-    from marginlab.linear import binary_margins
-
     m = binary_margins(w, torch.tensor(b, dtype=w.dtype, device=w.device), x, y, p=2, signed=True)
     yf = m * w.norm()  # y (w·x + b): the margins already hold it, scaled by 1/‖w‖
-    qs = torch.quantile(m, torch.tensor(list(QUANTILES.values()), dtype=m.dtype, device=m.device))
-    margin = {"min": float(m.min()), "mean": float(m.mean()), "max": float(m.max())}
-    margin.update({k: float(q) for k, q in zip(QUANTILES, qs, strict=True)})
     stats = {
         "loss": float(torch.nn.functional.softplus(-yf).mean()),
         "error": float((yf <= 0).double().mean()),
-        "margin": margin,
+        "margin": margin_stats(m, form="gd"),
     }
     return stats, m
 
@@ -152,17 +152,7 @@ def trend_summary(metrics: list[dict[str, Any]], split: str) -> dict[str, Any]:
     return out
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device = 'cuda' but no CUDA device is available; use device = 'cpu' or 'auto'")
-    return torch.device(name)
-
-
 def _load(cfg: DataConfig) -> tuple[Any, Any]:
-    from marginlab.data import load_dataset
-
     kw: dict[str, Any] = {"seed": cfg.seed, "data_dir": cfg.data_dir or None, "labels": "pm1"}
     train = load_dataset(cfg.dataset, "train", n=cfg.n_train, **kw)
     test = load_dataset(cfg.dataset, "test", n=cfg.n_test, **kw)
@@ -177,13 +167,13 @@ def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     model with a bias converges in direction (Soudry et al. treat the bias as a weight on a constant 1).
     """
     path = rd.path / SVM
-    if path.is_file():
-        svm = read_npz(path)
+    cached = read_svm(rd.path)
+    if cached is not None:
+        svm = cached
         missing = [f"{b}_{k}" for b in SVM_KINDS for k in ("w", "b", "margin") if f"{b}_{k}" not in svm]
         if missing or svm[f"{SVM_KINDS[0]}_w"].shape != (x.shape[1],):
             raise RunDirError(f"{path} does not hold this run's SVMs; delete it to refit them")
         return svm
-    from marginlab.svm import hard_margin_svm
 
     svm: dict[str, Any] = {}
     for bias in SVM_KINDS:
@@ -229,7 +219,7 @@ def _initial(cfg: Config, d: int) -> tuple[torch.Tensor, float]:
 
 def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     """Fit the SVMs, run GD for ``cfg.epochs`` steps recording margins; return the summary."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # also seeds scikit-learn's solvers, which draw from numpy's global RNG
     train, test = _load(cfg.data)
     xtr, ytr = train.x.flatten(1).double(), train.y.double()
@@ -238,12 +228,11 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     _save_adv_images(rd, test, cfg.n_adv_images, cfg.seed)
 
     w0, b0 = _initial(cfg, xtr.shape[1])
-    start_epoch, metrics = 0, []
+    start_epoch, metrics = 0, list[dict[str, Any]]()
     if resume:
-        ck = load_checkpoint(rd.checkpoint) if rd.checkpoint.is_file() else None
+        ck, metrics = resume_state(rd)  # the records up to the checkpoint (none: start over)
         if ck is not None:
             w0, b0, start_epoch = _weights_from(ck, rd, xtr.shape[1])
-        metrics = rd.rewind(start_epoch if ck is not None else -1)  # drop records past the checkpoint
 
     gd = LogisticGD(
         xtr, ytr, w0, b0, step_fraction=cfg.step_fraction, normalized=cfg.normalized, device=device
@@ -253,7 +242,7 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     if cfg.step_fraction >= 1 and not cfg.normalized:
         log.warning(
             "step_fraction = %g: eta >= 2/L, so the loss will not fall monotonically at first; GD on the "
-            "logistic loss still converges in direction to the SVM (see marginlab.logistic)",
+            "logistic loss still converges in direction to the SVM (see marginlab.core.logistic)",
             cfg.step_fraction,
         )
 
@@ -275,14 +264,12 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
                 _save_snapshot(rd, epoch, w, b, margins)
             # GD is deterministic: the weights and the epoch are all a resume needs (no RNG, no optimizer)
             model = {"w": w.cpu(), "b": torch.tensor(b, dtype=torch.float64)}
-            save_checkpoint(
-                rd.checkpoint, Checkpoint(epoch=epoch, step=epoch, model=model, optimizer={}, rng=[])
-            )
+            save_checkpoint(rd.checkpoint, TrainingState(epoch=epoch, step=epoch, model=model))
             bar.set_postfix(min=f"{rec['train']['margin']['min']:.3f}", cos=f"{rec['cos_svm_reg']:.3f}")
     return _summary(cfg, gd, svm, metrics, gd_seconds, n=(len(ytr), len(yte)), device=device)
 
 
-def _weights_from(ck: Checkpoint, rd: RunDir, d: int) -> tuple[torch.Tensor, float, int]:
+def _weights_from(ck: TrainingState, rd: RunDir, d: int) -> tuple[torch.Tensor, float, int]:
     """(w [d], b, epoch) of a logreg-gd checkpoint, checked against the data's dimension ``d``."""
     w, b = ck.model.get("w"), ck.model.get("b")
     if not isinstance(w, torch.Tensor) or not isinstance(b, torch.Tensor) or tuple(w.shape) != (d,):
@@ -294,15 +281,13 @@ def _record(
     epoch: int, w: torch.Tensor, b: float, svm: dict[str, Any], *splits: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One metrics record, and the per-point margins of each split (kept at snapshot epochs)."""
-    from marginlab.svm import direction_cosine
-
     w_cpu = w.cpu()
     rec: dict[str, Any] = {"epoch": epoch, "w_norm": float(w.norm()), "b": b}
     for key, bias in (("cos_svm", "free"), ("cos_svm_reg", "regularized")):
         rec[key] = direction_cosine(w_cpu, b, torch.from_numpy(svm[f"{bias}_w"]), float(svm[f"{bias}_b"]))
     margins = {}
     for name, (x, y) in zip(("train", "test"), splits, strict=True):
-        rec[name], m = margin_stats(w, b, x, y)
+        rec[name], m = split_stats(w, b, x, y)
         margins[name] = m.float().cpu().numpy()
     return rec, margins
 
@@ -359,6 +344,4 @@ def _summary(
 
 def plot(run_dir: Path) -> list[Path]:
     """Redraw every figure of a ``logreg-gd`` run from its files alone."""
-    from marginlab.plots.logreg import plot_logreg
-
     return plot_logreg(Path(run_dir))

@@ -14,10 +14,9 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
 
 import matplotlib
 
@@ -28,12 +27,17 @@ import numpy as np  # noqa: E402
 from cycler import cycler  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from marginlab.fsio import atomic_savefig  # noqa: E402
+from marginlab.base.fsio import atomic_savefig  # noqa: E402
+from marginlab.core.norms import Norm  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.typing import RcKeyType
 
 PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray")
 DPI = 110
 
-STYLE: dict[str, Any] = {
+STYLE: dict[RcKeyType, object] = {
     "figure.dpi": DPI,
     "savefig.dpi": DPI,
     "figure.facecolor": "white",
@@ -56,52 +60,59 @@ STYLE: dict[str, Any] = {
     "lines.markersize": 4,
 }
 
+
+class LineStyle(TypedDict):
+    """Keyword arguments of ``Axes.plot`` (and ``hist``) that tell curves apart: colour and line style."""
+
+    color: str
+    linestyle: str | tuple[int, tuple[int, ...]]
+
+
 # Train solid blue, test dashed orange: different hue, lightness and dash pattern.
-SPLIT_STYLE: dict[str, dict[str, str]] = {
+SPLIT_STYLE: dict[str, LineStyle] = {
     "train": {"color": "tab:blue", "linestyle": "-"},
     "test": {"color": "tab:orange", "linestyle": "--"},
 }
 SPLIT_COLORS = {split: style["color"] for split, style in SPLIT_STYLE.items()}
 
-_RECIPE_STYLE = {
+_RECIPE_STYLE: dict[str, LineStyle] = {
     "standard": {"color": "tab:blue", "linestyle": "-"},
     "constraint": {"color": "tab:green", "linestyle": "--"},
     "regularized": {"color": "tab:red", "linestyle": "-."},
 }
-_SPARE_STYLES = [
-    {"color": c, "linestyle": ls}
-    for c, ls in zip(PALETTE[4:], ((0, (1, 1)), (0, (5, 1, 1, 1)), ":"), strict=True)
+_SPARE_DASHES: tuple[str | tuple[int, tuple[int, ...]], ...] = ((0, (1, 1)), (0, (5, 1, 1, 1)), ":")
+_SPARE_STYLES: list[LineStyle] = [
+    {"color": c, "linestyle": ls} for c, ls in zip(PALETTE[4:], _SPARE_DASHES, strict=True)
 ]
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def styled(func: F) -> F:
+def styled(func: Callable[P, R]) -> Callable[P, R]:
     """Draw ``func``'s figures in :data:`STYLE` (without changing the caller's matplotlib settings)."""
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with plt.rc_context(STYLE):
             return func(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
-def recipe_style(recipe: str, known: Sequence[str] = ()) -> dict[str, Any]:
+def recipe_style(recipe: str, known: Sequence[str] = ()) -> LineStyle:
     """Colour and line style of a regularizer recipe; unknown recipes get spare ones by their position."""
     if recipe in _RECIPE_STYLE:
-        return dict(_RECIPE_STYLE[recipe])
+        return _RECIPE_STYLE[recipe].copy()
     others = [r for r in known if r not in _RECIPE_STYLE]
     i = others.index(recipe) if recipe in others else 0
-    return dict(_SPARE_STYLES[i % len(_SPARE_STYLES)])
+    return _SPARE_STYLES[i % len(_SPARE_STYLES)].copy()
 
 
-def norm_name(p: float | str | None) -> str:
-    """``2.0 -> "L2"``, ``inf -> "L∞"``, ``1 -> "L1"``; ``None`` gives ``""``."""
-    if p is None:
-        return ""
-    value = float(p)
-    return "L∞" if math.isinf(value) else f"L{value:g}"
+def norm_name(p: Norm | float | str | None) -> str:
+    """How figures name a norm (:attr:`Norm.symbol`): ``2.0``/``"L2"`` -> ``"L2"``, ``inf``/``"inf"`` ->
+    ``"L∞"``, ``1`` -> ``"L1"``; ``None`` gives ``""``."""
+    return "" if p is None else Norm.parse(p).symbol
 
 
 def margin_label(kind: str | None, p: float | str | None = None, what: str = "margin") -> str:
@@ -111,8 +122,8 @@ def margin_label(kind: str | None, p: float | str | None = None, what: str = "ma
 
 
 def fit_ylim(
-    ax: Any,
-    curves: Iterable[tuple[Sequence[float], Sequence[float]]],
+    ax: Axes,
+    curves: Iterable[tuple[Iterable[float], Iterable[float]]],
     *,
     from_epoch: int = 1,
     pad: float = 0.08,
@@ -120,7 +131,8 @@ def fit_ylim(
     """Fit ``ax``'s y-range to the points of ``curves`` (``(epochs, values)`` pairs) at epochs
     ``>= from_epoch``, when there are any; returns True when some drawn point now lies off the axes
     (a small note on the axes says so, so no reader mistakes the range for the whole story)."""
-    kept, left_out = [], []
+    kept: list[float] = []
+    left_out: list[float] = []
     for epochs, values in curves:
         for e, v in zip(epochs, values, strict=True):
             if v is not None and np.isfinite(v):

@@ -11,16 +11,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import numpy as np
 
+from marginlab.lab.names import (
+    FIGURES,
+    HISTOGRAMS_FIGURE,
+    MARGIN_CURVES_FIGURE,
+    METRICS,
+    ROBUSTNESS,
+    ROBUSTNESS_FIGURE,
+    subrun_dir,
+)
+from marginlab.lab.readers import read_config, read_metrics, read_robustness, read_robustness_extra
 from marginlab.plots.common import fit_ylim, margin_label, new_figure, recipe_style, save, styled
 from marginlab.plots.training import draw_series, kind_of
-from marginlab.runs import FIGURES, METRICS, ROBUSTNESS, read_config, read_metrics, subrun_dir
-from marginlab.tracking import SPLITS, load_points
+from marginlab.robustness import robustness_curve
+from marginlab.training.tracking import SPLITS, EpochRecord, MarginStat, Split, load_points
 
-PANELS = (("train", "mean"), ("test", "mean"), ("train", "min"), ("test", "min"))
+PANELS: tuple[tuple[Split, MarginStat], ...] = (
+    ("train", "mean"),
+    ("test", "mean"),
+    ("train", "min"),
+    ("test", "min"),
+)
 
 
 def _layout(run_dir: Path) -> tuple[list[str], list[str], list[int]]:
@@ -33,6 +48,11 @@ def _subruns(run_dir: Path, base: str, recipe: str, seeds: list[int]) -> list[Pa
     """The finished sub-run directories of one base × recipe (missing ones are left out)."""
     paths = [subrun_dir(run_dir, base, recipe, s) for s in seeds]
     return [p for p in paths if (p / METRICS).is_file()]
+
+
+def _records(sub: Path) -> list[EpochRecord]:
+    """The metric records of a sub-run (a ``train`` run)."""
+    return cast("list[EpochRecord]", read_metrics(sub))
 
 
 def _estimator(path: Path) -> str:
@@ -49,12 +69,12 @@ def plot_compare(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     bases, recipes, seeds = _layout(run_dir)
     figures = run_dir / FIGURES
-    out = [plot_margin_curves(run_dir, bases, recipes, seeds, figures / "margin_curves.png")]
-    out.append(plot_histograms(run_dir, bases, recipes, seeds, figures / "histograms.png"))
+    out = [plot_margin_curves(run_dir, bases, recipes, seeds, figures / MARGIN_CURVES_FIGURE)]
+    out.append(plot_histograms(run_dir, bases, recipes, seeds, figures / HISTOGRAMS_FIGURE))
     if any(
         (p / ROBUSTNESS).is_file() for b in bases for r in recipes for p in _subruns(run_dir, b, r, seeds)
     ):
-        out.append(plot_robustness(run_dir, bases, recipes, seeds, figures / "robustness.png"))
+        out.append(plot_robustness(run_dir, bases, recipes, seeds, figures / ROBUSTNESS_FIGURE))
     return out
 
 
@@ -75,7 +95,7 @@ def plot_margin_curves(
         for recipe in recipes:
             style = recipe_style(recipe, recipes)
             for k, sub in enumerate(_subruns(run_dir, base, recipe, seeds)):
-                records, name = read_metrics(sub), _estimator(sub)
+                records, name = _records(sub), _estimator(sub)
                 cutoff = max(1, max((int(r["epoch"]) for r in records), default=0) // 4)
                 ylabel = margin_label(kind_of(records, name), _norm(sub))
                 for j, (split, stat) in enumerate(PANELS):
@@ -117,9 +137,8 @@ def plot_histograms(
             for recipe in recipes:
                 subs = _subruns(run_dir, base, recipe, seeds)
                 if subs:
-                    kind, norm = kind_of(read_metrics(subs[0]), _estimator(subs[0])), _norm(subs[0])
-                parts = [_last_margins(s, split) for s in subs]
-                parts = [p for p in parts if p is not None]
+                    kind, norm = kind_of(_records(subs[0]), _estimator(subs[0])), _norm(subs[0])
+                parts = [p for p in (_last_margins(s, split) for s in subs) if p is not None]
                 if parts:
                     data[recipe] = np.concatenate(parts).astype(np.float64)
             finite = [a[np.isfinite(a)] for a in data.values()]
@@ -147,34 +166,30 @@ def plot_histograms(
     return save(fig, path)
 
 
-def _robustness(sub: Path) -> dict[str, Any] | None:
-    from marginlab.fsio import read_json
-
-    f = sub / ROBUSTNESS
-    return read_json(f) if f.is_file() else None
+def _evaluated(subruns: list[Path]) -> list[Path]:
+    """The sub-runs whose robustness was evaluated (``robustness.json``)."""
+    return [sub for sub in subruns if (sub / ROBUSTNESS).is_file()]
 
 
 def plot_robustness(
     run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int], path: Path
 ) -> Path:
     """One panel per base: bound curves per recipe, the first attack's points and the worst case."""
-    from marginlab.robustness import robustness_curve
-    from marginlab.robustness.evaluate import margin_upper_from_points as margin_upper_from_json
-
     fig, axes = new_figure(1, len(bases), size=(4.4 * len(bases), 3.4))
     axes = np.atleast_1d(np.asarray(axes, dtype=object)).ravel()
     for ax, base in zip(axes, bases, strict=True):
         right, norm = 0.0, ""
         for recipe in recipes:
-            results = [r for r in map(_robustness, _subruns(run_dir, base, recipe, seeds)) if r is not None]
+            evaluated = _evaluated(_subruns(run_dir, base, recipe, seeds))
+            results = [read_robustness(sub) for sub in evaluated]
             if not results:
                 continue
             style, res = recipe_style(recipe, recipes), results[0]
             color = style["color"]
-            norm = res["norm"]
-            eps = np.asarray(res["eps"])
+            norm = str(res.norm)
+            eps = np.asarray(res.eps)
             right = max(right, float(eps.max()) * 1.15)
-            upper = [u for u in (margin_upper_from_json(r["points"]) for r in results) if u is not None]
+            upper = [u for u in (r.margin_upper() for r in results) if u is not None]
             if upper:
                 grid, acc = robustness_curve(np.concatenate(upper), eps=np.linspace(0, right, 200))
                 ax.plot(
@@ -183,13 +198,11 @@ def plot_robustness(
                     linewidth=1.0,
                     alpha=0.7,
                     **style,
-                    label=f"{recipe}: {res['bound']['estimator']} bound",
+                    label=f"{recipe}: {(res.bound or {}).get('estimator')} bound",
                 )
-            first = res["settings"]["attacks"][0]
-            own = np.mean(
-                [[np.nan if v is None else v for v in r["accuracy"][first]] for r in results], axis=0
-            )
-            worst = np.mean([r["worst_case"] for r in results], axis=0)
+            first = res.settings["attacks"][0]
+            own = np.mean([[np.nan if v is None else v for v in r.accuracy[first]] for r in results], axis=0)
+            worst = np.mean([r.worst_case for r in results], axis=0)
             ax.plot(eps, own, "o", color=color, markerfacecolor="none", label=f"{recipe}: {first}")
             ax.plot(
                 eps,
@@ -201,7 +214,8 @@ def plot_robustness(
                 linewidth=0.8,
                 label=f"{recipe}: worst case",
             )
-            ax.axvline(res["reference_eps"], color="0.4", linestyle=":", linewidth=0.8)
+            reference = read_robustness_extra(evaluated[0])["reference_eps"]
+            ax.axvline(reference, color="0.4", linestyle=":", linewidth=0.8)
         ax.set_title(f"{base}: robust accuracy")
         ax.set_xlabel(f"ε ({norm} norm of the perturbation)" if norm else "ε")
         ax.set_ylabel("robust accuracy (upper bound)")

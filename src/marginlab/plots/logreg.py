@@ -14,14 +14,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from marginlab.fsio import read_npz
+from marginlab.core.linear import minimal_adversarial
+from marginlab.lab.names import (
+    ADVERSARIAL_FIGURE,
+    COSINE_FIGURE,
+    FIGURES,
+    HISTOGRAMS_FIGURE,
+    LOSS_ERROR_FIGURE,
+    MARGINS_FIGURE,
+)
+from marginlab.lab.readers import margins_files, read_adv_images, read_margins_file, read_metrics, read_svm
 from marginlab.plots.common import SPLIT_COLORS, SPLIT_STYLE, fit_ylim, margin_label, new_figure, save, styled
-from marginlab.runs import ADV_IMAGES, FIGURES, SVM, margins_files, read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 MARGIN_LABEL = margin_label("exact", 2)  # closed form of a linear classifier's margin, over R^d
 
@@ -36,38 +47,34 @@ def plot_logreg(run_dir: Path) -> list[Path]:
     paths = []
     if metrics:
         paths += [
-            _margins(metrics, svm, out / "margins.png"),
-            _cosine(metrics, out / "cosine.png"),
-            _loss_error(metrics, out / "loss_error.png"),
+            _margins(metrics, svm, out / MARGINS_FIGURE),
+            _cosine(metrics, out / COSINE_FIGURE),
+            _loss_error(metrics, out / LOSS_ERROR_FIGURE),
         ]
     snaps = _snapshots(run_dir)
     if snaps:
-        paths.append(_histograms(snaps, svm.get("free"), out / "histograms.png"))
-        if (run_dir / ADV_IMAGES).is_file():
-            shape = _image_shape(run_dir)
-            paths.append(_adversarial(snaps, run_dir / ADV_IMAGES, shape, out / "adversarial.png"))
+        paths.append(_histograms(snaps, svm.get("free"), out / HISTOGRAMS_FIGURE))
+        images = read_adv_images(run_dir)
+        if images is not None:
+            shape = tuple(images["x"].shape[1:])
+            paths.append(_adversarial(snaps, images, shape, out / ADVERSARIAL_FIGURE))
     return paths
 
 
 # -- reading ------------------------------------------------------------------------------------------
 def _svm_margins(run_dir: Path) -> dict[str, float]:
     """Geometric margins of the SVMs: ``free`` (classical), ``regularized`` (bias penalised, GD's limit)."""
-    path = run_dir / SVM
-    if not path.is_file():
+    z = read_svm(run_dir)
+    if z is None:
         return {}
-    z = read_npz(path)
     return {k: float(z[f"{k}_margin"]) for k in ("free", "regularized") if f"{k}_margin" in z}
 
 
-def _snapshots(run_dir: Path) -> list[dict[str, Any]]:
+def _snapshots(run_dir: Path) -> list[dict[str, np.ndarray]]:
     snaps = []
     for path in margins_files(run_dir).values():
-        snaps.append(read_npz(path))
+        snaps.append(read_margins_file(path))
     return sorted(snaps, key=lambda s: int(s["epoch"]))
-
-
-def _image_shape(run_dir: Path) -> tuple[int, ...]:
-    return tuple(read_npz(run_dir / ADV_IMAGES)["x"].shape[1:])
 
 
 def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +82,7 @@ def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[np.ndarray, np.n
     epochs = np.array([m["epoch"] for m in metrics], dtype=float)
     vals = []
     for m in metrics:
-        v: Any = m
+        v: object = m
         for k in keys:
             v = v.get(k) if isinstance(v, dict) else None
         vals.append(np.nan if v is None else v)
@@ -98,7 +105,7 @@ def _margins(metrics: list[dict[str, Any]], svm: dict[str, float], path: Path) -
         ax_mean.plot(*means[-1], color=style["color"], ls=":", lw=1.1, label=f"{split} median")
     if mins:
         epochs = mins[0][0][:1]
-        mins += [(epochs, [v]) for v in svm.values()]  # keep the SVM lines inside the range
+        mins += [(epochs, np.array([v])) for v in svm.values()]  # keep the SVM lines inside the range
     if "free" in svm:
         ax_min.axhline(svm["free"], color="k", ls="--", lw=1, label=f"SVM margin {svm['free']:.3f}")
     if "regularized" in svm:
@@ -150,7 +157,7 @@ def _loss_error(metrics: list[dict[str, Any]], path: Path) -> Path:
 
 
 # -- per-point views at the snapshot epochs -----------------------------------------------------------
-def _histograms(snaps: list[dict[str, Any]], svm_margin: float | None, path: Path) -> Path:
+def _histograms(snaps: list[dict[str, np.ndarray]], svm_margin: float | None, path: Path) -> Path:
     splits = [s for s in SPLIT_COLORS if s in snaps[0]]
     every = np.concatenate([s[split] for s in snaps for split in splits])
     lo, hi = np.percentile(every, [0.05, 100])
@@ -175,10 +182,9 @@ def _histograms(snaps: list[dict[str, Any]], svm_margin: float | None, path: Pat
     return save(fig, path)
 
 
-def _adversarial(snaps: list[dict[str, Any]], images: Path, shape: tuple[int, ...], path: Path) -> Path:
-    from marginlab.linear import minimal_adversarial
-
-    z = read_npz(images)
+def _adversarial(
+    snaps: list[dict[str, np.ndarray]], z: dict[str, np.ndarray], shape: tuple[int, ...], path: Path
+) -> Path:
     x, y = torch.from_numpy(z["x"]).double().flatten(1), torch.from_numpy(z["y"]).double()
     names = (
         [f"{c} (y={s})" for c, s in zip(z["classes"], ("-1", "+1"), strict=True)] if "classes" in z else []
@@ -211,7 +217,7 @@ def _adversarial(snaps: list[dict[str, Any]], images: Path, shape: tuple[int, ..
 
 
 def _show(
-    ax: Any, v: torch.Tensor, shape: tuple[int, ...], title: str, cmap: str = "gray", vmin: float = 0
+    ax: Axes, v: torch.Tensor, shape: tuple[int, ...], title: str, cmap: str = "gray", vmin: float = 0
 ) -> None:
     img = v.reshape(shape).numpy()
     img = img[0] if img.shape[0] == 1 else np.transpose(np.clip(img, 0, 1), (1, 2, 0))

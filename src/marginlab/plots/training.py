@@ -11,25 +11,42 @@ The ``draw_*`` helpers take records, so other experiments (the regularizer compa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
+from marginlab.lab.names import FIGURES, HISTOGRAMS_FIGURE, LOSS_ACCURACY_FIGURE, MARGINS_FIGURE
+from marginlab.lab.readers import read_config, read_metrics
 from marginlab.plots.common import SPLIT_COLORS, SPLIT_STYLE, fit_ylim, margin_label, new_figure, save, styled
-from marginlab.runs import FIGURES, read_config, read_metrics
-from marginlab.tracking import SPLITS, load_points, series
+from marginlab.training.tracking import (
+    SPLITS,
+    EpochRecord,
+    MarginStat,
+    Split,
+    estimator_margins,
+    load_points,
+    series,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = ["SPLIT_COLORS", "draw_series", "estimator_names", "kind_of", "plot_training"]
 
-STAT_TITLES = {"min": "minimum margin", "mean": "mean margin", "median": "median margin (10-90% band)"}
+STAT_TITLES: dict[MarginStat, str] = {
+    "min": "minimum margin",
+    "mean": "mean margin",
+    "median": "median margin (10-90% band)",
+}
 
 
 @styled
 def plot_training(run_dir: str | Path) -> list[Path]:
     """Draw every figure of the run into ``run_dir/figures``; returns the files written."""
     run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    records = cast("list[EpochRecord]", read_metrics(run_dir))  # a train run's metrics.jsonl
     cfg = read_config(run_dir)
     title = f"{cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('dataset', '?')}"
     p = cfg.get("tracking", {}).get("p")
@@ -37,38 +54,40 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     out = []
     names = estimator_names(records)
     if names:
-        out.append(plot_margin_curves(records, names, figures / "margins.png", title, p=p))
+        out.append(plot_margin_curves(records, names, figures / MARGINS_FIGURE, title, p=p))
     points = load_points(run_dir)
     if points and names:
         kinds = {name: kind_of(records, name) for name in names}
-        out.append(plot_histograms(points, names, figures / "histograms.png", title, kinds=kinds, p=p))
+        out.append(plot_histograms(points, names, figures / HISTOGRAMS_FIGURE, title, kinds=kinds, p=p))
     if any("train_loss_epoch" in r or "test" in r for r in records):
-        out.append(plot_loss_accuracy(records, figures / "loss_accuracy.png", title))
+        out.append(plot_loss_accuracy(records, figures / LOSS_ACCURACY_FIGURE, title))
     return out
 
 
-def estimator_names(records: list[dict[str, Any]]) -> list[str]:
+def estimator_names(records: Sequence[EpochRecord]) -> list[str]:
     """The estimators tracked in ``records``, in the order first seen."""
     names: list[str] = []
     for r in records:
         for split in SPLITS:
-            for name in r.get(split, {}).get("margins", {}):
+            s = r.get(split)
+            for name in s.get("margins", {}) if s is not None else {}:
                 if name not in names:
                     names.append(name)
     return names
 
 
-def kind_of(records: list[dict[str, Any]], name: str) -> str:
+def kind_of(records: Sequence[EpochRecord], name: str) -> str:
+    """The kind (``"estimate"``, ``"upper bound"``...) recorded for estimator ``name``; ``"?"`` if none."""
     for r in records:
         for split in SPLITS:
-            m = r.get(split, {}).get("margins", {}).get(name)
+            m = estimator_margins(r, split, name)
             if m is not None:
                 return str(m.get("kind", "?"))
     return "?"
 
 
 def draw_series(
-    ax: Any, records: list[dict[str, Any]], split: str, name: str, stat: str, **kw: Any
+    ax: Axes, records: Sequence[EpochRecord], split: Split, name: str, stat: MarginStat, **kw: Any
 ) -> tuple[list[int], list[float]]:
     """One margin statistic vs epoch; ``stat="median"`` also shades the 10-90% quantile band.
 
@@ -88,7 +107,7 @@ def draw_series(
 
 
 def plot_margin_curves(
-    records: list[dict[str, Any]], names: list[str], path: Path, title: str, *, p: float | None = None
+    records: Sequence[EpochRecord], names: list[str], path: Path, title: str, *, p: float | None = None
 ) -> Path:
     """Rows: estimators; columns: min, mean, median margin vs epoch; train and test in each panel.
 
@@ -128,7 +147,7 @@ def pick_epochs(available: list[int], k: int = 4) -> list[int]:
 
 
 def plot_histograms(
-    points: dict[int, Any],
+    points: dict[int, dict[str, dict[str, np.ndarray]]],
     names: list[str],
     path: Path,
     title: str,
@@ -165,22 +184,24 @@ def plot_histograms(
     return save(fig, path)
 
 
-def plot_loss_accuracy(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+def plot_loss_accuracy(records: Sequence[EpochRecord], path: Path, title: str) -> Path:
     """Loss (left) and accuracy (right) vs epoch: the epoch's running training average and the subsets."""
     fig, axes = new_figure(1, 2)
     ax_l, ax_a = np.asarray(axes).ravel()
-    for key, ax, label in (  # the running average over the epoch's batches
-        ("train_loss_epoch", ax_l, "train (epoch average)"),
+    epoch_means: tuple[tuple[Literal["train_loss_epoch", "train_acc_epoch"], Axes, str | None], ...] = (
+        ("train_loss_epoch", ax_l, "train (epoch average)"),  # the running average over the epoch's batches
         ("train_acc_epoch", ax_a, None),
-    ):
+    )
+    for key, ax, label in epoch_means:
         pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
         if pts:
             ax.plot(
                 *zip(*pts, strict=True), color="0.3", linestyle="--", label=label or "train (epoch average)"
             )
+    subset_values: tuple[tuple[Literal["loss", "acc"], Axes], ...] = (("loss", ax_l), ("acc", ax_a))
     for split in SPLITS:
-        for key, ax in (("loss", ax_l), ("acc", ax_a)):
-            pts = [(r["epoch"], r[split][key]) for r in records if r.get(split, {}).get(key) is not None]
+        for stat, ax in subset_values:
+            pts = [(r["epoch"], v) for r in records if (v := _subset_value(r, split, stat)) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), **SPLIT_STYLE[split], label=f"{split} (tracked subset)")
     ax_l.set_yscale("log")
@@ -192,3 +213,9 @@ def plot_loss_accuracy(records: list[dict[str, Any]], path: Path, title: str) ->
     fig.suptitle(title)
     fig.tight_layout()
     return save(fig, path)
+
+
+def _subset_value(record: EpochRecord, split: Split, key: Literal["loss", "acc"]) -> float | None:
+    """``record[split][key]``, or ``None`` where the epoch was not tracked."""
+    s = record.get(split)
+    return s.get(key) if s is not None else None

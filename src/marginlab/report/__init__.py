@@ -10,7 +10,7 @@
   together with its folder.
 
 Unfinished runs (no ``summary.json``) are included with a visible "unfinished" mark; directories that are
-not runs, or hold corrupt JSON, raise a one-line :class:`~marginlab.errors.RunDirError`.
+not runs, or hold corrupt JSON, raise a one-line :class:`~marginlab.base.errors.RunDirError`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from marginlab.errors import RunDirError
-from marginlab.fsio import atomic_write_bytes, atomic_write_text
+from marginlab.base.deprecated import moved_attribute
+from marginlab.base.errors import RunDirError
+from marginlab.base.fsio import atomic_write_bytes, atomic_write_text
+from marginlab.lab.names import REPORT_FIGURES, REPORT_HTML, REPORT_MD
 from marginlab.report.blocks import Block, Figure
 from marginlab.report.collect import RunInfo, load_runs
 from marginlab.report.document import build_document
@@ -30,7 +33,12 @@ from marginlab.report.render import render_html, render_markdown
 
 __all__ = ["RunInfo", "default_out_dir", "load_runs", "write_report"]
 
-HTML_NAME, MD_NAME, FIGURE_COPIES = "report.html", "report.md", "report-figures"
+
+
+def __getattr__(name: str) -> Any:
+    """Old names (``HTML_NAME``, ``MD_NAME``, ``FIGURE_COPIES``: now ``marginlab.lab.names.REPORT_*``),
+    with a DeprecationWarning."""
+    return moved_attribute(__name__, name)
 
 
 def default_out_dir(run_dirs: Sequence[str | Path]) -> Path:
@@ -53,8 +61,8 @@ def write_report(
         html_text = render_html(blocks, title)  # reads every figure before anything is written
     except OSError as e:
         raise RunDirError(f"cannot read {e.filename}: {e.strerror or e}") from None
-    html_path, md_path = out / HTML_NAME, out / MD_NAME
-    created: list[Path] = [p for p in (out, out / FIGURE_COPIES) if not p.exists()]
+    html_path, md_path = out / REPORT_HTML, out / REPORT_MD
+    created: list[Path] = [p for p in (out, out / REPORT_FIGURES) if not p.exists()]
     try:
         links = _place_figures(blocks, out, created)
         md_text = render_markdown(blocks, lambda fig: links[fig.path])
@@ -77,7 +85,7 @@ def _place_figures(blocks: Sequence[Block], out: Path, created: list[Path]) -> d
         if src.is_relative_to(root):
             links[fig.path] = src.relative_to(root).as_posix()
             continue
-        rel = Path(FIGURE_COPIES, _safe(fig.run_label), fig.caption)
+        rel = Path(REPORT_FIGURES, _safe(fig.run_label), fig.caption)
         created += [] if (out / rel).exists() else [out / rel]
         atomic_write_bytes(out / rel, fig.path.read_bytes())
         links[fig.path] = rel.as_posix()

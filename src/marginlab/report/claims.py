@@ -4,7 +4,7 @@ numbers behind the verdict. A report opens with these, because they are what a r
 Each experiment kind writes its verdicts under its own keys:
 
 - ``train`` (deep nets): ``margins.<estimator>.<split>`` with ``first``/``last``/``peak_mean`` records and
-  the booleans ``min_margin_rises``, ``mean_margin_falls`` (see :mod:`marginlab.trends`);
+  the booleans ``min_margin_rises``, ``mean_margin_falls`` (see :mod:`marginlab.training.trends`);
 - ``logreg-gd``: ``<split>_min_margin_rises``, ``<split>_mean_margin_falls``, ``<split>_error_never_rises``
   with their ``_first``/``_last`` numbers, the SVM margins, the cosines and ``shows_tradeoff``;
 - ``compare``: ``bases.<base>.vs_standard.<recipe>`` with ``comparable``, ``mean_margin`` and the paired
@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from marginlab.core.stats import ci_over_seeds
 
 HOLDS, FAILS, NOT_COMPARED, STATED = "holds", "does not hold", "not compared", "as stated"
 SPLIT_NAMES = {"train": "Train set", "test": "Test set"}
@@ -184,8 +186,6 @@ def _versus(base: str, recipe: str, v: dict[str, Any]) -> list[Claim]:
 
 def _interval(d: dict[str, Any], fmt: str) -> str:
     """``; paired 95% CI of the difference [lo, hi] over 3 seeds`` where there is one."""
-    from marginlab.experiments.compare_tables import ci_over_seeds
-
     text = ci_over_seeds(d, fmt)
     return f"; {text} over {d['seeds']} seeds" if text else ""
 

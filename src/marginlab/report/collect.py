@@ -14,22 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marginlab.errors import ConfigError, RunDirError
-from marginlab.fsio import read_json
-from marginlab.runs import (
-    CONFIG,
-    FIGURES,
-    SUMMARY,
-    SWEEP_MANIFEST,
-    TABLE_CSV,
-    TABLE_MD,
+from marginlab.base.deprecated import moved_attribute
+from marginlab.base.errors import ConfigError, RunDirError
+from marginlab.lab.names import CONFIG
+from marginlab.lab.readers import (
+    figure_files,
+    is_run_dir,
     read_config,
     read_metrics,
+    read_summary_if_any,
+    read_sweep_runs,
+    result_tables,
 )
 
-# Results tables written by experiments that compare several models; the CSV is preferred when both
-# exist (they hold the same numbers, and the CSV renders as a real table).
-TABLE_FILES = (TABLE_CSV, TABLE_MD)
+
+def __getattr__(name: str) -> Any:
+    """The old ``TABLE_FILES`` (now ``marginlab.lab.names.RESULT_TABLES``), with a DeprecationWarning."""
+    return moved_attribute(__name__, name)
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,12 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunInfo]:
 
 def expand_sweep(path: Path) -> list[Path]:
     """A sweep directory (``sweep.json``, no ``config.json``) stands for its runs; others for themselves."""
-    manifest = path / SWEEP_MANIFEST
-    if (path / CONFIG).is_file() or not manifest.is_file():
+    names = read_sweep_runs(path)
+    if names is None:
         return [path]
-    try:
-        names = [run["name"] for run in read_json(manifest)["runs"]]
-    except (ValueError, KeyError, TypeError):
-        raise RunDirError(f"{manifest} is corrupt (not a marginlab sweep manifest)") from None
     # Only direct children: a manifest must not send the report elsewhere ("../x", "/etc").
     inside = [name for name in names if isinstance(name, str) and Path(name).name == name != ".."]
-    runs = [path / name for name in inside if (path / name / CONFIG).is_file()]
+    runs = [path / name for name in inside if is_run_dir(path / name)]
     if not runs:
         raise RunDirError(f"sweep {path} has no runs yet")
     return runs
@@ -84,36 +81,12 @@ def expand_sweep(path: Path) -> list[Path]:
 def _load_run(path: Path, label: str) -> RunInfo:
     if not path.is_dir():
         raise RunDirError(f"{path} is not a directory (expected a marginlab run directory)")
-    if not (path / CONFIG).is_file():
+    if not is_run_dir(path):
         raise RunDirError(f"{path} is not a marginlab run directory (no {CONFIG})")
     config = read_config(path)
-    if not isinstance(config, dict):
-        raise RunDirError(f"{path / CONFIG} is corrupt (not a JSON object)")
-    summary = _read_summary(path)
-    try:
-        metrics = [r for r in read_metrics(path) if isinstance(r, dict)]
-    except ValueError:
-        raise RunDirError(f"{path / 'metrics.jsonl'} is corrupt (a line is not valid JSON)") from None
-    figures_dir = path / FIGURES
-    figures = sorted(figures_dir.rglob("*.png")) if figures_dir.is_dir() else []
-    # and figures other commands wrote beside the run's files (``marginlab margins --out run/b.csv`` draws
-    # ``run/b.bracket.png``)
-    figures += sorted(path.glob("*.png"))
-    tables = [path / name for name in TABLE_FILES if (path / name).is_file()][:1]
-    return RunInfo(path, label, config, summary, metrics, figures, tables)
-
-
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    file = path / SUMMARY
-    if not file.is_file():
-        return None
-    try:
-        summary = read_json(file)
-    except ValueError:
-        raise RunDirError(f"{file} is corrupt (not valid JSON)") from None
-    if not isinstance(summary, dict):
-        raise RunDirError(f"{file} is corrupt (not a JSON object)")
-    return summary
+    summary = read_summary_if_any(path)
+    metrics = read_metrics(path)
+    return RunInfo(path, label, config, summary, metrics, figure_files(path), result_tables(path))
 
 
 def unique_labels(paths: Sequence[Path]) -> list[str]:

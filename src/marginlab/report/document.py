@@ -19,14 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
-from marginlab.report.blocks import Block, Bullets, Claims, Code, Figure, Heading, Table, Text
-from marginlab.report.claims import claims_of
-from marginlab.report.collect import RunInfo
-from marginlab.report.tables import (
+from marginlab.base.tables import (
     MISSING,
     flatten,
     format_cell,
@@ -36,7 +33,10 @@ from marginlab.report.tables import (
     split_pivot,
     union_keys,
 )
-from marginlab.runs import FIGURES
+from marginlab.lab.names import CONFIG, FIGURES, METRICS, SUMMARY
+from marginlab.report.blocks import Block, Bullets, Claims, Code, Figure, Heading, Table, Text
+from marginlab.report.claims import claims_of
+from marginlab.report.collect import RunInfo
 
 MAX_METRIC_ROWS = 6  # evenly spaced records, first and last included
 MAX_METRIC_COLUMNS = 10
@@ -80,15 +80,13 @@ def _findings(runs: Sequence[RunInfo]) -> list[Block]:
         if len(runs) > 1:
             blocks.append(Heading(3, f"{run.label} ({run.kind})"))
         if run.summary is None:
-            blocks.append(
-                Text(f"{run.label} is unfinished: no summary.json yet, so nothing is checked", True)
-            )
+            blocks.append(Text(f"{run.label} is unfinished: no {SUMMARY} yet, so nothing is checked", True))
             continue
         claims = claims_of(run.summary, run.kind)
         if claims:
             blocks.append(Claims(claims))
         else:
-            blocks.append(Text(f"{run.label}: its summary.json states no findings; see its summary below."))
+            blocks.append(Text(f"{run.label}: its {SUMMARY} states no findings; see its summary below."))
     return blocks
 
 
@@ -181,9 +179,7 @@ def _config_differences(runs: Sequence[RunInfo]) -> list[Block]:
 def _run_section(run: RunInfo, figures: list[Figure]) -> list[Block]:
     blocks: list[Block] = [Heading(2, f"Run {run.label}"), Text(f"{run.kind} run in {run.path}")]
     if run.summary is None:
-        blocks.append(
-            Text("unfinished: this run has no summary.json (still running, killed or failed)", True)
-        )
+        blocks.append(Text(f"unfinished: this run has no {SUMMARY} (still running, killed or failed)", True))
     else:
         blocks += _summary(run.summary)
     blocks += _metrics(run)
@@ -191,7 +187,7 @@ def _run_section(run: RunInfo, figures: list[Figure]) -> list[Block]:
         blocks += _table_file(table)
     if figures:
         blocks += [Heading(3, "More figures"), *figures]
-    blocks.append(Code(json.dumps(run.config, indent=2), "json", collapsed=f"config.json of {run.label}"))
+    blocks.append(Code(json.dumps(run.config, indent=2), "json", collapsed=f"{CONFIG} of {run.label}"))
     return blocks
 
 
@@ -201,11 +197,11 @@ def _summary_items(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten(rest, lists=True).items() if _shown(v)}
 
 
-def _shown(value: Any) -> bool:
+def _shown(value: object) -> bool:
     return value is None or isinstance(value, bool | int | float | str | list)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     return format_cell(value, max_len=None)  # summaries are short; a reader needs every character
 
 
@@ -236,7 +232,7 @@ def _summary(summary: dict[str, Any]) -> list[Block]:
     return blocks
 
 
-def _is_sentences(value: Any) -> bool:
+def _is_sentences(value: object) -> TypeGuard[list[str]]:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
@@ -251,9 +247,9 @@ def _metrics(run: RunInfo) -> list[Block]:
     columns = union_keys(records)
     constant = [c for c in columns if c != "epoch" and len({json.dumps(r.get(c)) for r in records}) == 1]
     varying = sorted((c for c in columns if c not in constant), key=_column_rank)
-    note = f"{n} records in metrics.jsonl; showing {len(picks)}"
+    note = f"{n} records in {METRICS}; showing {len(picks)}"
     if len(varying) > MAX_METRIC_COLUMNS:
-        note += f" and {MAX_METRIC_COLUMNS} of {len(varying)} changing columns (all are in metrics.jsonl)"
+        note += f" and {MAX_METRIC_COLUMNS} of {len(varying)} changing columns (all are in {METRICS})"
         varying = varying[:MAX_METRIC_COLUMNS]
     blocks: list[Block] = [Heading(3, "Metrics"), Text(note + ".")]
     blocks.append(Table(varying, [[format_cell(r.get(c)) for c in varying] for r in records]))

@@ -13,9 +13,9 @@ import re
 from collections.abc import Callable, Sequence
 from urllib.parse import quote
 
+from marginlab.base.tables import markdown_table
 from marginlab.report.blocks import Block, Bullets, Claims, Code, Figure, Heading, Table, Text
 from marginlab.report.claims import FAILS, HOLDS, Claim
-from marginlab.report.tables import markdown_table
 
 CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0; }

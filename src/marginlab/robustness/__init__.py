@@ -3,11 +3,14 @@ curve from minimal perturbations, and sanity checks that flag an evaluation whic
 
     res = robust_accuracy(model, x, y, [0.5, 1.0], norm="L2")     # DDN bound, then AutoAttack
     res.worst_case, res.accuracy["autoattack"], res.warnings
-    fig = plot_robustness(res.margin_upper(), res)
+    fig = marginlab.plots.robustness.plot_robustness(res.margin_upper(), res)   # the figure
 """
 
+from typing import Any
+
+from marginlab.base.deprecated import moved_attribute
 from marginlab.robustness.attacks import ATTACKS, NORMS, RobustnessSettings, normalize_norm
-from marginlab.robustness.curve import plot_robustness, robustness_curve
+from marginlab.robustness.curve import robustness_curve
 from marginlab.robustness.evaluate import RobustnessResult, robust_accuracy
 
 __all__ = [
@@ -16,7 +19,11 @@ __all__ = [
     "RobustnessResult",
     "RobustnessSettings",
     "normalize_norm",
-    "plot_robustness",
     "robust_accuracy",
     "robustness_curve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``plot_robustness`` moved to :mod:`marginlab.plots.robustness` (deprecated alias)."""
+    return moved_attribute(__name__, name)

@@ -8,6 +8,7 @@ library quirk can never make a model look less robust than it is.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,27 +16,37 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from marginlab.config import check_count, check_positive
-from marginlab.errors import ConfigError
-from marginlab.registry import Registry
-from marginlab.seed import check_seed
+from marginlab.base.config import check_count, check_positive
+from marginlab.base.errors import ConfigError
+from marginlab.base.registry import Registry
+from marginlab.base.seed import check_seed
+from marginlab.core.norms import Norm
+from marginlab.estimators import ESTIMATORS, MarginKind
+from marginlab.estimators.base import validate_params
+from marginlab.estimators.presets import prepass_bound
 
 __all__ = ["ATTACKS", "NORMS", "RobustnessSettings", "autoattack", "normalize_norm", "pgd"]
 
-NORMS = ("L2", "Linf")
+NORMS = (Norm.L2, Norm.Linf)  # the norms robustness is evaluated in ("L2", "Linf")
 AA_VERSIONS = ("standard", "plus", "custom")
-AUTO_BOUND = {"L2": "ddn", "Linf": "fmn"}  # the bound pre-pass's default estimator, per norm
+AUTO_BOUND = {str(n): prepass_bound(n) for n in NORMS}  # old name; the table is estimators.presets
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 
+_NORM_ERROR = f"unknown norm {{value!r}}; choose from: {', '.join(NORMS)}"
+
+
 def normalize_norm(norm: str) -> str:
-    """``"l2"``/``"L2"``/``"2"`` -> ``"L2"``; ``"linf"``/``"inf"`` -> ``"Linf"``; else ConfigError."""
-    key = str(norm).lower().removeprefix("l")
-    if key == "2":
-        return "L2"
-    if key in ("inf", "∞"):
-        return "Linf"
-    raise ConfigError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
+    """Deprecated: use ``Norm.parse(norm, NORMS)`` (:class:`marginlab.core.norms.Norm`).
+
+    ``"l2"``/``"L2"``/``"2"`` -> ``"L2"``; ``"linf"``/``"inf"`` -> ``"Linf"``; else ConfigError.
+    """
+    warnings.warn(
+        "marginlab.robustness.normalize_norm is deprecated; use marginlab.core.norms.Norm.parse",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return Norm.parse(norm, NORMS, error=_NORM_ERROR)
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class RobustnessSettings:
     earlier attacks alone overstate robustness.
     """
 
-    norm: str = "L2"
+    norm: Norm = Norm.L2  # given in any spelling Norm.parse accepts ("2", "l2", inf, ...)
     attacks: tuple[str, ...] = ("autoattack",)
     bound: str | None = "auto"
     bound_params: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +83,7 @@ class RobustnessSettings:
     tol: float = 0.02
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "norm", normalize_norm(self.norm))
+        object.__setattr__(self, "norm", Norm.parse(self.norm, NORMS, error=_NORM_ERROR))
         attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(dict.fromkeys(self.attacks))
         object.__setattr__(self, "attacks", attacks)
         if not attacks:
@@ -102,19 +113,16 @@ class RobustnessSettings:
         if isinstance(self.bound, str) and self.bound.lower() == "none":
             object.__setattr__(self, "bound", None)
         if self.bound == "auto":
-            object.__setattr__(self, "bound", AUTO_BOUND[self.norm])
+            object.__setattr__(self, "bound", prepass_bound(self.norm))
         if self.bound is None:
             return
-        from marginlab.estimators import ESTIMATORS, MarginKind
-        from marginlab.estimators.base import validate_params
 
         est = ESTIMATORS.get(self.bound)
         if est.kind is not MarginKind.UPPER:
             raise ConfigError(
                 f"bound {self.bound!r} is not a minimum-norm attack; use ddn, deepfool, fmn, fab or best"
             )
-        p = 2.0 if self.norm == "L2" else math.inf
-        if p not in est.norms:
+        if self.norm.p not in est.norms:
             raise ConfigError(f"bound {self.bound!r} does not support the {self.norm} norm")
         validate_params(self.bound, dict(self.bound_params), "bound_params")
 

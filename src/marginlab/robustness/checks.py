@@ -17,18 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marginlab.core.predict import predict_logits as predict  # re-exported: the old name
+
 __all__ = [
     "capture_warnings",
     "check_attack_disagreement",
     "check_zero_gradients",
     "predict",
 ]
-
-
-def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    """Logits [N, K] of ``x`` [N, ...], in batches, without gradients."""
-    with torch.no_grad():
-        return torch.cat([model(xb) for xb in x.split(batch_size)])
 
 
 def check_zero_gradients(model: nn.Module, x: Tensor, y: Tensor) -> str | None:

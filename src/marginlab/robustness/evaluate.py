@@ -23,7 +23,7 @@ here (norm <= ε, inside [0, 1], misclassified), so a library quirk never makes 
 Sanity checks end up in ``warnings``: train mode, zero input gradients, and a later attack breaking more
 than ``tol`` of the points an earlier one left robust (that one alone would overstate robustness). Robust
 accuracy can never exceed the bound's share, by construction: bound-broken points are never attacked.
-Models that output probabilities are refused (:mod:`marginlab.inputs`).
+Models that output probabilities are refused (:mod:`marginlab.base.inputs`).
 """
 
 from __future__ import annotations
@@ -35,19 +35,36 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from marginlab.errors import ConfigError, RunDirError
+from marginlab.base.errors import ConfigError, RunDirError
+from marginlab.base.fsio import atomic_write_json, read_json, to_jsonable
+from marginlab.base.inputs import ArrayInput, check_model_outputs, check_train_mode, prepare_inputs
+from marginlab.core.predict import predict_labels, predict_logits
+from marginlab.estimators import estimate_margins
 from marginlab.robustness import checks
 from marginlab.robustness.attacks import ATTACKS, RobustnessSettings, parse_eps
 
 __all__ = ["RobustnessResult", "RobustnessSettings", "robust_accuracy"]
 
 log = logging.getLogger(__name__)
+
+
+class RobustnessPoints(TypedDict):
+    """Per point of a :class:`RobustnessResult` (N points, in the order given): its ``label``, whether the
+    model classifies it ``correct``ly, its margin upper bound ``margin_upper`` (``None`` without a bound;
+    an entry is ``None`` in JSON where no adversarial example was found), the worst-case ``robust`` flags
+    ``[len(eps)][N]``, and its ``index`` in the split when the caller gave it."""
+
+    label: list[int]
+    correct: list[bool]
+    margin_upper: list[float | None] | None
+    robust: list[list[bool]]
+    index: NotRequired[list[int]]
 
 
 @dataclass
@@ -72,7 +89,7 @@ class RobustnessResult:
     bound: dict[str, str] | None
     bound_share: list[float] | None
     attacked: dict[str, list[int]]
-    points: dict[str, Any]
+    points: RobustnessPoints
     settings: dict[str, Any]
     seconds: dict[str, float]
     warnings: list[str] = field(default_factory=list)
@@ -93,28 +110,27 @@ class RobustnessResult:
         return margin_upper_from_points(self.points)
 
     def to_dict(self) -> dict[str, Any]:
-        from marginlab.fsio import to_jsonable
-
+        """The result as JSON values (non-finite numbers as ``None``), keys in field order."""
         return to_jsonable(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RobustnessResult:
+        """The result that :meth:`to_dict` gave (extra keys are ignored).
+
+        Raises :class:`RunDirError` when a field is missing."""
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in d and n != "warnings"]
         if missing:
             raise RunDirError(f"not a robustness result: {missing[0]!r} is missing")
         return cls(**{n: d[n] for n in names if n in d})
 
-    def save(self, path: str | Path, **extra: Any) -> None:
+    def save(self, path: str | Path, **extra: object) -> None:
         """Write the result (plus ``extra`` keys, e.g. what model was loaded) atomically as JSON."""
-        from marginlab.fsio import atomic_write_json
-
         atomic_write_json(path, {**extra, **self.to_dict()})
 
     @classmethod
     def load(cls, path: str | Path) -> RobustnessResult:
-        from marginlab.fsio import read_json
-
+        """Read a saved result; an unreadable or foreign file raises :class:`RunDirError` naming it."""
         try:
             raw = read_json(path)
         except (OSError, ValueError) as e:
@@ -127,7 +143,7 @@ class RobustnessResult:
             raise RunDirError(f"{path}: {e}") from None
 
 
-def margin_upper_from_points(points: dict[str, Any]) -> np.ndarray | None:
+def margin_upper_from_points(points: RobustnessPoints) -> np.ndarray | None:
     """:meth:`RobustnessResult.margin_upper` on the ``points`` of a saved result."""
     raw = points.get("margin_upper")
     if raw is None:
@@ -139,13 +155,13 @@ def margin_upper_from_points(points: dict[str, Any]) -> np.ndarray | None:
 
 def robust_accuracy(
     model: nn.Module,
-    x: Any,
-    y: Any,
+    x: ArrayInput,
+    y: ArrayInput,
     eps: float | Sequence[float],
     settings: RobustnessSettings | None = None,
     *,
-    margin_upper: Any = None,
-    index: Sequence[int] | None = None,
+    margin_upper: ArrayInput | None = None,
+    index: Sequence[int] | Tensor | np.ndarray | None = None,
     **overrides: Any,
 ) -> RobustnessResult:
     """Robust accuracy of ``model`` (inputs ``x [N, C, H, W]`` in [0, 1] → logits [N, K]) at each ε.
@@ -154,8 +170,6 @@ def robust_accuracy(
     or its fields as keyword ``overrides`` (``attacks=("pgd",)``, ``steps=50``...). ``margin_upper [N]``:
     bounds computed elsewhere (skips the pre-pass). ``x``/``y`` may be numpy arrays; ``eps`` a number.
     """
-    from marginlab.inputs import check_model_outputs, check_train_mode, prepare_inputs
-
     if settings is None:
         s = RobustnessSettings(**overrides)
     else:
@@ -169,7 +183,7 @@ def robust_accuracy(
     was_training = model.training
     model.eval()
     try:
-        logits = checks.predict(model, x, s.batch_size)
+        logits = predict_logits(model, x, s.batch_size)
         check_model_outputs(logits, y)
         correct = logits.argmax(1) == y
         idx = correct.nonzero().flatten()[: s.batch_size]
@@ -194,7 +208,7 @@ def robust_accuracy(
             )
     for msg in checks.check_attack_disagreement(stages, list(s.attacks), eps_list, acc, s.tol):
         _warn(warnings, msg)
-    points: dict[str, Any] = {
+    points: RobustnessPoints = {
         "label": y.cpu().tolist(),
         "correct": correct.cpu().tolist(),
         "margin_upper": None if bounds is None else bounds.tolist(),
@@ -220,7 +234,9 @@ def robust_accuracy(
     )
 
 
-def _bounds(model: nn.Module, x: Tensor, y: Tensor, s: RobustnessSettings, given: Any) -> Tensor | None:
+def _bounds(
+    model: nn.Module, x: Tensor, y: Tensor, s: RobustnessSettings, given: ArrayInput | None
+) -> Tensor | None:
     """Per-point margin upper bounds [N] (float64, CPU): ``given``, else the pre-pass, else ``None``."""
     if given is not None:
         b = torch.as_tensor(np.asarray(given, dtype=np.float64)).flatten()
@@ -229,11 +245,9 @@ def _bounds(model: nn.Module, x: Tensor, y: Tensor, s: RobustnessSettings, given
         return torch.where(torch.isnan(b), torch.inf, b)  # unknown bound: never counts as broken
     if s.bound is None:
         return None
-    from marginlab.estimators import estimate_margins
 
     params = {s.bound: dict(s.bound_params)} if s.bound_params else None
-    p = 2 if s.norm == "L2" else "inf"
-    res = estimate_margins(model, x, y, [s.bound], p=p, batch_size=s.batch_size, params=params)
+    res = estimate_margins(model, x, y, [s.bound], p=s.norm, batch_size=s.batch_size, params=params)
     return res[s.bound].values
 
 
@@ -245,7 +259,7 @@ def _verify(
     size = d.norm(dim=1) if s.norm == "L2" else d.abs().amax(dim=1)
     inside = (size <= eps * (1 + 1e-5) + 1e-7) & (x_adv.flatten(1).amin(1) >= -1e-6)
     inside &= x_adv.flatten(1).amax(1) <= 1 + 1e-6
-    wrong = checks.predict(model, x_adv, s.batch_size).argmax(1) != y
+    wrong = predict_labels(model, x_adv, s.batch_size) != y
     return inside & wrong
 
 

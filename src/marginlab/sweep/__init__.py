@@ -9,7 +9,7 @@ processes; ``jobs=1`` runs in this process), and keeps three files in ``out`` cu
 
 Restarting the same sweep skips finished runs (``summary.json`` present) and resumes unfinished ones
 (from their checkpoint, or from the start, in place, when they have none): the runner's
-:func:`marginlab.runner.plan_mode` decides, as for ``marginlab run`` and comparisons. A run whose
+:func:`marginlab.lab.runner.plan_mode` decides, as for ``marginlab run`` and comparisons. A run whose
 directory holds a *different* config is a user error, not something to skip or overwrite. A failing run
 never stops the sweep: it is recorded as ``failed`` with a one-line reason.
 
@@ -29,13 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from marginlab.errors import ConfigError, RunDirError
-from marginlab.fsio import atomic_write_json, atomic_write_text, read_json, to_jsonable
-from marginlab.report.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
-from marginlab.runs import SUMMARY, SWEEP_CSV, SWEEP_MANIFEST, SWEEP_MD
+from marginlab.base.deprecated import moved_attribute
+from marginlab.base.errors import ConfigError, RunDirError
+from marginlab.base.fsio import atomic_write_json, atomic_write_text, to_jsonable
+from marginlab.base.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
+from marginlab.experiments import config_record, plan_mode, run_or_resume
+from marginlab.lab.names import SUMMARY, SWEEP_CSV, SWEEP_MANIFEST, SWEEP_MD
+from marginlab.lab.readers import read_summary_if_any
+from marginlab.lab.stopping import SweepStopped, sigterm_stops_sweep, stop_signal
+from marginlab.lab.workers import Outcome, RunFn, execute
 from marginlab.sweep.grid import SweepPoint, parse_grid, plan_sweep, run_name, split_values
-from marginlab.sweep.stopping import SweepStopped, sigterm_stops_sweep, stop_signal
-from marginlab.sweep.workers import Outcome, RunFn, default_run, execute
 
 __all__ = [
     "RunFn",
@@ -52,7 +55,11 @@ __all__ = [
     "stop_signal",
 ]
 
-MANIFEST, TABLE_CSV, TABLE_MD = SWEEP_MANIFEST, SWEEP_CSV, SWEEP_MD
+
+def __getattr__(name: str) -> Any:
+    """Old names (``MANIFEST``, ``TABLE_CSV``, ``TABLE_MD``: now ``marginlab.lab.names.SWEEP_*``), with a
+    DeprecationWarning."""
+    return moved_attribute(__name__, name)
 
 
 @dataclass
@@ -60,7 +67,7 @@ class RunRecord:
     """What happened to one grid point (``status``: pending, running, finished, failed or interrupted)."""
 
     point: SweepPoint
-    mode: str = "pending"  # skip (already finished), new, resume (see marginlab.runner.plan_mode)
+    mode: str = "pending"  # skip (already finished), new, resume (see marginlab.lab.runner.plan_mode)
     status: str = "pending"
     error: str | None = None
     traceback: str | None = None
@@ -78,6 +85,11 @@ class SweepResult:
     @property
     def failed(self) -> list[RunRecord]:
         return [r for r in self.records if r.status != "finished"]
+
+
+def default_run(raw: dict[str, Any], path: Path, mode: str) -> None:
+    """Run one grid point with the experiment runner (it decides run / resume / skip itself)."""
+    run_or_resume(raw, path)
 
 
 def run_sweep(
@@ -128,10 +140,6 @@ def run_sweep(
 
 
 def _plan_mode(path: Path, expected: dict[str, Any]) -> str:
-    # Imported here: the runner imports torch, and every worker process imports this package to run its
-    # job; a job that never needs torch (a custom run_fn) should not pay seconds for it.
-    from marginlab.runner import plan_mode
-
     return plan_mode(path, expected)
 
 
@@ -139,8 +147,6 @@ def _expected_config(point: SweepPoint, validate: bool) -> dict[str, Any]:
     """The config.json the point's run directory should hold (the runner's resolved form)."""
     if not validate:
         return to_jsonable(point.config)
-    from marginlab.runner import config_record
-
     try:
         return config_record(point.config)
     except ConfigError as e:
@@ -151,12 +157,14 @@ def _finish(rec: RunRecord, path: Path, outcome: Outcome) -> None:
     error = outcome.error
     if error is None:
         try:
-            summary = read_json(path / SUMMARY)
-            rec.summary = summary if isinstance(summary, dict) else {}
-        except FileNotFoundError:
-            error = "the run ended without writing summary.json"
-        except (OSError, ValueError):
+            summary = read_summary_if_any(path)
+        except (OSError, RunDirError):
             error = f"{path / SUMMARY} is corrupt"
+        else:
+            if summary is None:
+                error = f"the run ended without writing {SUMMARY}"
+            else:
+                rec.summary = summary
     rec.status = "finished" if error is None else "interrupted" if outcome.interrupted else "failed"
     rec.error, rec.traceback, rec.seconds = error, outcome.traceback, outcome.seconds
 
@@ -181,12 +189,12 @@ class _Writer:
 
     def write(self) -> None:
         try:
-            atomic_write_json(self.out / MANIFEST, self.manifest())
+            atomic_write_json(self.out / SWEEP_MANIFEST, self.manifest())
             header, rows = self.table()
             csv_rows = [[_csv_cell(c) for c in row] for row in rows]
             md_rows = [[format_cell(c) for c in row] for row in rows]
-            atomic_write_text(self.out / TABLE_CSV, csv_text(header, csv_rows))
-            atomic_write_text(self.out / TABLE_MD, markdown_table(header, md_rows))
+            atomic_write_text(self.out / SWEEP_CSV, csv_text(header, csv_rows))
+            atomic_write_text(self.out / SWEEP_MD, markdown_table(header, md_rows))
         except OSError as e:
             raise RunDirError(f"cannot write the sweep files in {self.out}: {e.strerror or e}") from None
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 from hashlib import sha1
 from typing import Any
 
-from marginlab.config import apply_overrides, parse_value
-from marginlab.errors import ConfigError
-from marginlab.fsio import to_jsonable
+from marginlab.base.config import apply_overrides, parse_value, split_key_value
+from marginlab.base.errors import ConfigError
+from marginlab.base.fsio import to_jsonable
 
 _KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _MAX_NAME = 120  # run directory names stay well under the usual 255-byte limit
@@ -34,10 +34,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
         raise ConfigError("a sweep needs at least one --grid key=v1,v2")
     grid: dict[str, list[str]] = {}
     for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"grid {item!r} is not of the form key=v1,v2")
+        key, text = split_key_value(item, "grid", "key=v1,v2")
         if not _KEY.fullmatch(key):
             raise ConfigError(f"grid key {key!r} is not a dotted name like train.lr")
         if key in grid:
