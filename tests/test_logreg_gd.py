@@ -12,7 +12,14 @@ import torch
 from marginlab.base.errors import ConfigError
 from marginlab.core.logistic import LogisticGD, smoothness_constant
 from marginlab.experiments import logreg_gd, resume_experiment, run_experiment
-from marginlab.experiments.logreg_gd import Config, record_epochs, snapshot_epochs
+from marginlab.experiments.logreg_gd import (
+    Config,
+    LogregRecord,
+    LogregSummary,
+    SplitStats,
+    record_epochs,
+    snapshot_epochs,
+)
 
 
 def _mean_logistic_loss(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -211,6 +218,13 @@ def test_end_to_end_on_digits(tmp_path) -> None:
     assert summary["train_min_margin_rises"] and summary["train_mean_margin_falls"]
     assert summary["cos_svm_last"] > summary["cos_svm_first"]
     assert summary["train_min_margin_last"] <= summary["svm_margin"] + 1e-9  # the SVM margin is the best
+    # the files hold exactly the keys their TypedDicts declare, in the declared order (what JSON keeps)
+    assert list(summary) == ["kind", *LogregSummary.__annotations__]
+    for line in lines:
+        record = json.loads(line)
+        assert list(record) == list(LogregRecord.__annotations__)
+        assert list(record["train"]) == list(record["test"]) == list(SplitStats.__annotations__)
+        assert list(record["train"]["margin"]) == ["min", "mean", "max", "q10", "q25", "median", "q75", "q90"]
 
 
 def test_resume_continues_bit_for_bit(tmp_path, monkeypatch) -> None:

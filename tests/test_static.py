@@ -18,63 +18,6 @@ from marginlab.training.tracking import BoundSummary, MarginSummary, margin_summ
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "marginlab"
 
-# Packages (directories under src/marginlab, or single modules given by their path without ".py") whose every
-# public definition must carry a docstring. Widen to the whole package once every part is done.
-DOCSTRING_CHECKED = (
-    "base/errors",
-    "base/fsio",
-    "base/registry",
-    "base/seed",
-    "base/distributed",
-    "base/inputs",
-    "base/tables",
-    "base/logs",
-    "base/device",
-    "data",
-    "core/svm",
-    "core/logistic",
-    "nets/models",
-    "nets/weights",
-    "estimators/__init__",
-    "estimators/attacks",
-    "estimators/sampling",
-    "estimators/first_order",
-    "estimators/lipschitz",
-    "estimators/exact",
-    "robustness/__init__",
-    "robustness/evaluate",
-    "robustness/checks",
-    "robustness/curve",
-    "training/tracking",
-    "training/trends",
-    "training/checkpoint",
-    "training/loop",
-    "training/recipes",
-    "training/regularizers",
-    "lab/runner",
-    "lab/provenance",
-    "lab/workers",
-    "lab/stopping",
-    "lab/margins_table",
-    "experiments/deep",
-    "plots/__init__",
-    "plots/common",
-    "plots/compare",
-    "plots/logreg",
-    "plots/robustness",
-    "plots/training",
-    "report/blocks",
-    "report/document",
-    "report/render",
-    "commands/data",
-    "commands/plot",
-    "commands/report",
-    "commands/run",
-    "commands/sweep",
-    "commands/margins",
-    "cli",
-)
-
 
 def test_mypy_finds_no_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     """mypy over src/marginlab, configured by pyproject.toml, reports no error."""
@@ -86,11 +29,6 @@ def test_mypy_finds_no_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert status == 0 and not errors, (
         f"mypy found {len(errors)} error(s) (exit status {status}):\n{stdout}{stderr}"
     )
-
-
-def _checked(path: Path) -> bool:
-    rel = path.relative_to(PACKAGE).with_suffix("").as_posix()
-    return any(rel == part or rel.startswith(part + "/") for part in DOCSTRING_CHECKED)
 
 
 def _public(name: str) -> bool:
@@ -131,9 +69,9 @@ def undocumented_definitions(paths: list[Path]) -> list[str]:
 
 
 def test_public_definitions_have_docstrings() -> None:
-    """Every public function, class and method in the checked packages has a docstring."""
-    paths = sorted(p for p in PACKAGE.rglob("*.py") if _checked(p))
-    assert paths, "DOCSTRING_CHECKED names no file"
+    """Every public function, class and method of every module of src/marginlab has a docstring."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    assert len(paths) > 100, f"found only {len(paths)} modules under {PACKAGE}"
     missing = undocumented_definitions(paths)
     assert not missing, f"{len(missing)} public definition(s) without a docstring:\n" + "\n".join(missing)
 

@@ -17,18 +17,22 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from marginlab.base.errors import ConfigError
 from marginlab.base.fsio import to_jsonable
 from marginlab.base.seed import check_seed  # lazy: config stays free of torch and numpy
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+D = TypeVar("D", bound="DataclassInstance")  # a dataclass type, what from_dict builds
 
 INT_LIMIT = 2**63  # integer config values must lie strictly between -INT_LIMIT and INT_LIMIT
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML file ``path`` as nested dicts; a missing, malformed or non-UTF-8 file raises ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -100,15 +104,16 @@ def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The TOML file ``path`` with dotted ``key=value`` ``overrides`` applied (:func:`apply_overrides`)."""
     return apply_overrides(load_toml(path), overrides or [])
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+def from_dict(cls: type[D], data: dict[str, Any], where: str = "") -> D:
     """Build dataclass ``cls`` from ``data``, checking keys and types; nested dataclasses recurse."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
@@ -151,7 +156,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         item_tp = args[0] if args else Any
         items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a type hint: a class, never an instance
         return from_dict(tp, value, key)
     if tp is Any:
         return value

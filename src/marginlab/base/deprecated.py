@@ -63,8 +63,14 @@ MOVED_NAMES: dict[tuple[str, str], str] = {
     # the recipes and reference values left the loss terms' module
     **{
         ("marginlab.training.regularizers", name): f"marginlab.training.recipes:{name}"
-        for name in ("RECIPES", "RegularizerConfig", "reference_gamma", "reference_lr", "resolve_config",
-                     "build_regularizers")
+        for name in (
+            "RECIPES",
+            "RegularizerConfig",
+            "reference_gamma",
+            "reference_lr",
+            "resolve_config",
+            "build_regularizers",
+        )
     },
     # the module marginlab.bounds (0.1) is the package marginlab.bounds now
     **{

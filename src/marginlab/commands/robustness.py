@@ -32,6 +32,7 @@ EXAMPLE = f"marginlab robustness --model mnist-cnn --weights {WEIGHTS} --data mn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``robustness`` subcommand and its options (defaults from :class:`RobustnessSettings`)."""
     d = RobustnessSettings()
     p = sub.add_parser(
         "robustness",
@@ -59,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run ``marginlab robustness``: attack the model's points at every ``--eps``, write the result and its
+    figure into ``--out``; returns the exit status."""
     # every cheap check first: nothing is loaded or written before the inputs make sense
     eps = parse_eps(args.eps)
     settings = RobustnessSettings(

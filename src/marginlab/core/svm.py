@@ -23,8 +23,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import SVC, LinearSVC
 from torch import Tensor
 
 from marginlab.base.errors import ConfigError, DataError, NotSeparableError
@@ -65,6 +63,10 @@ def _as_numpy(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> tuple[np.ndarra
 
 def _solve(xa: np.ndarray, ya: np.ndarray, bias: BiasMode, tol: float) -> tuple[np.ndarray, float]:
     """Run the scikit-learn solver for ``bias``; returns (w [D], b)."""
+    # scikit-learn is imported here, not at the top: it takes a second and a half to import, which every
+    # `marginlab` command (even --help) would pay; only the logreg-gd experiment solves SVMs.
+    from sklearn.svm import SVC, LinearSVC
+
     solver_tol = tol * 1e-2  # the stopping rule must be tighter than the feasibility check
     if bias == "free":
         svc = SVC(kernel="linear", C=_C, tol=solver_tol, max_iter=_MAX_ITER, cache_size=500)
@@ -90,6 +92,8 @@ def hard_margin_svm(
         raise ConfigError(f"unknown bias treatment {bias!r}; choose from: free, none, regularized")
     if not tol > 0:
         raise ConfigError(f"tol must be > 0, got {tol}")
+    from sklearn.exceptions import ConvergenceWarning  # see _solve: scikit-learn is slow to import
+
     xa, ya = _as_numpy(x, y)
     with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always", ConvergenceWarning)

@@ -170,7 +170,7 @@ def build_estimator(name: str, **params: object) -> Estimator:
     wrong type (against the fields' type hints, ``config.from_dict``) and out-of-range values (each
     estimator's ``__post_init__``) raise a one-line ConfigError naming ``name.param``."""
     cls = ESTIMATORS.get(name)
-    allowed = [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
+    allowed = [f.name for f in fields(cls) if f.init]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ConfigError(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +52,8 @@ class MarginResult:
     def __len__(self) -> int:
         return len(self.values)
 
-    def numpy(self) -> Any:
+    def numpy(self) -> np.ndarray:
+        """The signed margins as a float64 numpy array ``[N]`` (sharing memory with ``values``)."""
         return self.values.numpy()
 
 
@@ -158,11 +160,10 @@ def estimate_margins(
     if "best" in names:
         best_params = dict(params.get("best", {}))
         attacks = (
-            best_params.pop("attacks", None)
-            or [n for n in names if _is_attack(n)]
-            or default_attacks(order)
+            best_params.pop("attacks", None) or [n for n in names if _is_attack(n)] or default_attacks(order)
         )
         best = build_estimator("best", attacks=attacks)  # validates the names
+        assert isinstance(best, Best) and best.attacks is not None  # the registry's "best", attacks given
         start = time.perf_counter()
         parts = [run(a) for a in best.attacks]
         values = combine_upper_bounds([r.values for r in parts])

@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Required, TypedDict
 
 import torch
 from torch import nn
 
 from marginlab.estimators import build_estimator, combine_upper_bounds
+from marginlab.estimators.mip import Mip
 from marginlab.estimators.presets import bracket_attacks
 
 PARAMS = ("domain", "attacks", "time_limit", "rtol", "crown_budget")
@@ -85,6 +86,7 @@ def compute_bracket(
         return Bracket(lower, upper, nan, ["" for _ in range(len(x))], nan.clone(), seconds)
     t0 = time.perf_counter()
     mip = build_estimator("mip", domain=domain, time_limit=time_limit, batch_size=batch_size)
+    assert isinstance(mip, Mip)  # the registry's "mip": its last_details hold each point's status
     values = mip(model, x, y, p=p)
     seconds["mip"] = time.perf_counter() - t0
     status = [r.status for r in mip.last_details]
@@ -94,12 +96,32 @@ def compute_bracket(
     return Bracket(lower, upper, torch.where(solved, values, nan), status, lows, seconds)
 
 
-def summary(b: Bracket) -> dict[str, Any]:
+class BracketSummary(TypedDict, total=False):
+    """The ``bracket`` entry of the command's ``summary.json``, keys in this order: ``n`` points, the
+    median and 90th percentile of ``ratio`` (``None`` where infinite), how many ratios are infinite, the
+    median ``|lower|`` and ``|upper|``, each part's ``seconds``; with ``mip``, how many points it solved
+    and, when any, the median exact margin and the median ratios ``|upper| / |exact|`` and
+    ``|exact| / |lower|``."""
+
+    n: Required[int]
+    ratio_median: Required[float | None]
+    ratio_p90: Required[float | None]
+    ratio_infinite: Required[int]
+    lower_median: Required[float]
+    upper_median: Required[float]
+    seconds: Required[dict[str, float]]
+    exact_solved: int
+    exact_median: float
+    upper_over_exact_median: float
+    exact_over_lower_median: float
+
+
+def summary(b: Bracket) -> BracketSummary:
     """Median / 90th-percentile ratio and counts (JSON-ready; ``inf`` becomes ``None``)."""
     ratio = b.ratio
     big = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, 1e300))
     q = [float(v) for v in torch.quantile(big, torch.tensor([0.5, 0.9], dtype=torch.float64))]
-    out: dict[str, Any] = {
+    out: BracketSummary = {
         "n": len(ratio),
         "ratio_median": q[0] if q[0] < 1e299 else None,
         "ratio_p90": q[1] if q[1] < 1e299 else None,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from marginlab.base.errors import ConfigError, MarginlabError
 from marginlab.base.seed import torch_threads
 from marginlab.data import load_dataset, load_points
@@ -37,6 +39,7 @@ from marginlab.plots.compare import plot_compare
 from marginlab.robustness import robust_accuracy
 
 log = logging.getLogger(__name__)
+
 
 def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     """Train every sub-run, evaluate its robustness, write the tables; return the summary.
@@ -81,7 +84,6 @@ def _run_parallel(todo: list[tuple[dict[str, Any], Path, str]], run_one: SubRun,
     An interruption (Ctrl-C, SIGTERM) kills the workers: their sub-runs resume from their checkpoints."""
     from contextlib import closing
 
-
     failures: list[str] = []
     with closing(execute(todo, run_one, jobs)) as events:
         for i, outcome in events:
@@ -103,16 +105,15 @@ def check_bases(cfg: Config) -> None:
     """Load every base's data and build its model once, before anything trains (see the module doc).
 
     Loaded splits are cached in this process, so the sub-runs do not read them again."""
-    import torch
-
-
     for base in cfg.bases:
         data, model = base.config.get("data", {}), base.config.get("model", {})
-        kw = {"data_dir": data.get("data_dir") or None}
+        data_dir: str | None = data.get("data_dir") or None
         spec = data.get("dataset", "mnist")
         try:
-            train = load_dataset(spec, "train", n=data.get("n_train"), seed=data.get("seed", 0), **kw)
-            load_dataset(spec, "test", **kw)
+            train = load_dataset(
+                spec, "train", n=data.get("n_train"), seed=data.get("seed", 0), data_dir=data_dir
+            )
+            load_dataset(spec, "test", data_dir=data_dir)
             net = build_model(
                 model.get("name", "mnist-mlp"),
                 num_classes=train.num_classes,

@@ -71,10 +71,12 @@ class BaseConfig:
 
     @property
     def model_name(self) -> str:
+        """The base's model name (``model.name`` of its train config; ``mnist-mlp`` when unset)."""
         return str(self.config.get("model", {}).get("name", "mnist-mlp"))
 
     @property
     def reference_eps(self) -> float:
+        """The radius the verdicts compare at: ``eps`` if given, else the reference's for the model."""
         return self.eps if self.eps is not None else REFERENCE_EPS[self.model_name]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from marginlab.training.recipes import (
     reference_lr,
     resolve_config,
 )
-from marginlab.training.tracking import EpochRecord, MarginTracker, TrackingConfig
+from marginlab.training.tracking import EpochRecord, MarginTracker, Split, TrackingConfig
 from marginlab.training.trends import EstimatorTrends, margin_trends
 
 
@@ -152,7 +152,10 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> Summary:
         options=cfg.model.options,
     )
     regularizers = build_regularizers(cfg.regularizer, cfg.model.name, d.dataset)
-    splits = {"train": (train.x, train.y), "test": (test.x, test.y)}
+    splits: dict[Split, tuple[torch.Tensor, torch.Tensor]] = {
+        "train": (train.x, train.y),
+        "test": (test.x, test.y),
+    }
     tracker = MarginTracker(cfg.tracking, splits, seed=cfg.seed, device=device, dist=dist)
     records = fit(
         model, train.x, train.y, cfg.train, lr=cfg.lr, seed=cfg.seed, device=device,
@@ -168,8 +171,7 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> Summary:
     }
     if dist.is_main:
         atomic_torch_save(model.state_dict(), rd.path / WEIGHTS)
-    # fit's records are the EpochRecords that training.tracking describes (fit does not say so yet)
-    return summarize(cfg, cast("list[EpochRecord]", records), rd.path, extra)
+    return summarize(cfg, records, rd.path, extra)
 
 
 @torch.no_grad()

@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TypedDict, cast
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from marginlab.core.linear import binary_margins
 from marginlab.core.logistic import LogisticGD
 from marginlab.core.stats import margin_stats
 from marginlab.core.svm import direction_cosine, hard_margin_svm
-from marginlab.data import load_dataset
+from marginlab.data import Dataset, load_dataset
 from marginlab.lab.readers import read_svm
 from marginlab.lab.runs import ADV_IMAGES, SVM, RunDir, margins_file
 from marginlab.plots.logreg import plot_logreg
@@ -49,7 +50,12 @@ from marginlab.training.checkpoint import TrainingState, resume_state, save_chec
 
 log = logging.getLogger(__name__)
 
-SVM_KINDS = ("free", "regularized")  # bias treatments, see _fit_svms
+# the bias treatments of the SVMs, see _fit_svms
+SVM_KINDS: tuple[Literal["free", "regularized"], ...] = ("free", "regularized")
+
+# The SVMs as kept in the run directory (lab.names.SVM): per bias treatment ``<kind>_w [D]``, ``<kind>_b``,
+# ``<kind>_margin``, ``<kind>_n_support``, ``<kind>_seconds`` (scalars as numpy scalars or 0-d arrays).
+SvmArrays = Mapping[str, np.ndarray | np.generic]
 
 
 @dataclass(frozen=True)
@@ -94,12 +100,105 @@ class Config:
         check_positive("n_adv_images", self.n_adv_images, allow_zero=True)
 
 
+# -- what the files hold ------------------------------------------------------------------------------
+# The records below are written as JSON in the order their keys are declared (the files keep that order);
+# :mod:`marginlab.plots.logreg` and :mod:`marginlab.report.claims` read them back by these keys.
+class SplitStats(TypedDict):
+    """One split at one recorded epoch: mean logistic ``loss``, ``error`` (share of points with
+    ``y(w·x+b) <= 0``) and the distribution of the exact signed L2 margins ``margin``
+    (:func:`marginlab.core.stats.margin_stats`, ``"gd"`` form: ``min, mean, max, q10, q25, median, q75,
+    q90``)."""
+
+    loss: float
+    error: float
+    margin: dict[str, float]
+
+
+class LogregRecord(TypedDict):
+    """One line of a ``logreg-gd`` run's ``metrics.jsonl``: the ``epoch`` (= GD steps taken), ``‖w‖``,
+    the bias ``b``, the cosines of (w, b) with the classical SVM's (``cos_svm``) and with the SVM whose bias
+    is penalised (``cos_svm_reg``), and the :class:`SplitStats` of each split."""
+
+    epoch: int
+    w_norm: float
+    b: float
+    cos_svm: float
+    cos_svm_reg: float
+    train: SplitStats
+    test: SplitStats
+
+
+class LogregSummary(TypedDict):
+    """``summary.json`` of a ``logreg-gd`` run (the runner puts ``kind`` in front): the problem and the
+    step, the SVMs (``svm_*``: classical; ``svm_reg_*``: bias penalised), the first and last recorded epoch,
+    and per split (:func:`trend_summary`) the first/last values and whether the trends hold, last record
+    vs first. ``shows_tradeoff``: every ``*_rises``/``*_falls`` check of both splits holds."""
+
+    dataset: str
+    n_train: int
+    n_test: int
+    epochs: int
+    L: float
+    eta: float
+    eta_times_L: float
+    step_fraction: float
+    normalized: bool
+    svm_margin: float
+    svm_reg_margin: float
+    svm_n_support: int
+    svm_seconds: float
+    svm_reg_seconds: float
+    gd_seconds: float
+    device: str
+    first_epoch: int
+    last_epoch: int
+    cos_svm_first: float
+    cos_svm_last: float
+    cos_svm_reg_first: float
+    cos_svm_reg_last: float
+    train_min_margin_first: float
+    train_min_margin_last: float
+    train_mean_margin_first: float
+    train_mean_margin_last: float
+    train_median_margin_first: float
+    train_median_margin_last: float
+    train_min_margin_best: float
+    train_min_margin_rises: bool
+    train_mean_margin_falls: bool
+    train_loss_first: float
+    train_loss_last: float
+    train_error_first: float
+    train_error_last: float
+    train_mean_margin_falls_every_record: bool
+    train_error_never_rises: bool
+    train_cosine_rises: bool
+    train_cosine_reg_rises: bool
+    test_min_margin_first: float
+    test_min_margin_last: float
+    test_mean_margin_first: float
+    test_mean_margin_last: float
+    test_median_margin_first: float
+    test_median_margin_last: float
+    test_min_margin_best: float
+    test_min_margin_rises: bool
+    test_mean_margin_falls: bool
+    test_loss_first: float
+    test_loss_last: float
+    test_error_first: float
+    test_error_last: float
+    test_mean_margin_falls_every_record: bool
+    test_error_never_rises: bool
+    test_cosine_rises: bool
+    test_cosine_reg_rises: bool
+    shows_tradeoff: bool
+
+
 # -- what is recorded, and when ------------------------------------------------------------------------
 def record_epochs(epochs: int, every_until: int, n_log: int) -> list[int]:
     """Every epoch up to ``every_until``, then about ``n_log`` log-spaced epochs up to ``epochs``."""
     early = set(range(1, min(every_until, epochs) + 1))
     lo = max(every_until, 1)
-    late = np.round(np.logspace(math.log10(lo), math.log10(epochs), n_log + 1)) if epochs > lo else []
+    late = np.round(np.logspace(math.log10(lo), math.log10(epochs), n_log + 1)) if epochs > lo else ()
     return sorted(early | {int(e) for e in late} | {epochs})
 
 
@@ -113,15 +212,15 @@ def snapshot_epochs(recorded: list[int], k: int) -> list[int]:
 
 def split_stats(
     w: torch.Tensor, b: float, x: torch.Tensor, y: torch.Tensor
-) -> tuple[dict[str, Any], torch.Tensor]:
+) -> tuple[SplitStats, torch.Tensor]:
     """Loss, error and the distribution of the exact signed L2 margins ``y(w·x+b)/‖w‖``
     (:func:`marginlab.core.stats.margin_stats`, its ``"gd"`` form).
 
-    Args: w [D], x [N, D], y ±1 [N] (float64). Returns the stats dict and the margins [N].
+    Args: w [D], x [N, D], y ±1 [N] (float64). Returns the :class:`SplitStats` and the margins [N].
     """
     m = binary_margins(w, torch.tensor(b, dtype=w.dtype, device=w.device), x, y, p=2, signed=True)
     yf = m * w.norm()  # y (w·x + b): the margins already hold it, scaled by 1/‖w‖
-    stats = {
+    stats: SplitStats = {
         "loss": float(torch.nn.functional.softplus(-yf).mean()),
         "error": float((yf <= 0).double().mean()),
         "margin": margin_stats(m, form="gd"),
@@ -129,19 +228,19 @@ def split_stats(
     return stats, m
 
 
-def trend_summary(metrics: list[dict[str, Any]], split: str) -> dict[str, Any]:
-    """First/last min and mean margin of ``split`` and whether they rose/fell (last vs first record)."""
+def trend_summary(metrics: list[LogregRecord], split: Literal["train", "test"]) -> dict[str, float | bool]:
+    """First/last min and mean margin of ``split`` and whether they rose/fell (last vs first record):
+    the ``<split>_*`` keys of :class:`LogregSummary` that come from the records, in its order."""
     first, last = metrics[0][split], metrics[-1][split]
-    out: dict[str, Any] = {}
+    out: dict[str, float | bool] = {}
     for key in ("min", "mean", "median"):
         out[f"{split}_{key}_margin_first"] = first["margin"][key]
         out[f"{split}_{key}_margin_last"] = last["margin"][key]
     out[f"{split}_min_margin_best"] = max(m[split]["margin"]["min"] for m in metrics)
     out[f"{split}_min_margin_rises"] = last["margin"]["min"] > first["margin"]["min"]
     out[f"{split}_mean_margin_falls"] = last["margin"]["mean"] < first["margin"]["mean"]
-    for key in ("loss", "error"):
-        out[f"{split}_{key}_first"] = first[key]
-        out[f"{split}_{key}_last"] = last[key]
+    out[f"{split}_loss_first"], out[f"{split}_loss_last"] = first["loss"], last["loss"]
+    out[f"{split}_error_first"], out[f"{split}_error_last"] = first["error"], last["error"]
     # Stricter readings: the poster says errors never rise (so this is no overfitting artefact).
     means = [m[split]["margin"]["mean"] for m in metrics]
     errors = [m[split]["error"] for m in metrics]
@@ -152,14 +251,14 @@ def trend_summary(metrics: list[dict[str, Any]], split: str) -> dict[str, Any]:
     return out
 
 
-def _load(cfg: DataConfig) -> tuple[Any, Any]:
-    kw: dict[str, Any] = {"seed": cfg.seed, "data_dir": cfg.data_dir or None, "labels": "pm1"}
-    train = load_dataset(cfg.dataset, "train", n=cfg.n_train, **kw)
-    test = load_dataset(cfg.dataset, "test", n=cfg.n_test, **kw)
+def _load(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    data_dir = cfg.data_dir or None
+    train = load_dataset(cfg.dataset, "train", n=cfg.n_train, seed=cfg.seed, data_dir=data_dir, labels="pm1")
+    test = load_dataset(cfg.dataset, "test", n=cfg.n_test, seed=cfg.seed, data_dir=data_dir, labels="pm1")
     return train, test
 
 
-def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> SvmArrays:
     """Both hard-margin SVMs of the training set, fit once and kept in ``svm.npz`` (for resume and plots).
 
     ``free``: the classical SVM (bias unpenalised): the reference margin. ``regularized``: the max-margin
@@ -169,13 +268,12 @@ def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     path = rd.path / SVM
     cached = read_svm(rd.path)
     if cached is not None:
-        svm = cached
-        missing = [f"{b}_{k}" for b in SVM_KINDS for k in ("w", "b", "margin") if f"{b}_{k}" not in svm]
-        if missing or svm[f"{SVM_KINDS[0]}_w"].shape != (x.shape[1],):
+        missing = [f"{b}_{k}" for b in SVM_KINDS for k in ("w", "b", "margin") if f"{b}_{k}" not in cached]
+        if missing or cached[f"{SVM_KINDS[0]}_w"].shape != (x.shape[1],):
             raise RunDirError(f"{path} does not hold this run's SVMs; delete it to refit them")
-        return svm
+        return cached
 
-    svm: dict[str, Any] = {}
+    svm: dict[str, np.ndarray | np.generic] = {}
     for bias in SVM_KINDS:
         start = time.perf_counter()
         res = hard_margin_svm(x, y, bias=bias)
@@ -190,11 +288,11 @@ def _fit_svms(rd: RunDir, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
             res.n_support,
             seconds,
         )
-    atomic_write_with(path, lambda f: np.savez(f, **svm))
+    atomic_write_with(path, lambda f: np.savez(f, allow_pickle=False, **svm))
     return svm
 
 
-def _save_adv_images(rd: RunDir, test: Any, k: int, seed: int) -> None:
+def _save_adv_images(rd: RunDir, test: Dataset, k: int, seed: int) -> None:
     """Keep ``k`` fixed test images (half per class) so the adversarial figure needs no dataset."""
     if k == 0 or (rd.path / ADV_IMAGES).is_file():
         return
@@ -206,7 +304,7 @@ def _save_adv_images(rd: RunDir, test: Any, k: int, seed: int) -> None:
     idx = torch.cat(picks)
     arrays = {"x": test.x[idx].numpy(), "y": test.y[idx].numpy(), "index": idx.numpy()}
     arrays["classes"] = np.array(test.classes)  # names of the -1 and +1 classes, for titles
-    atomic_write_with(rd.path / ADV_IMAGES, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write_with(rd.path / ADV_IMAGES, lambda f: np.savez_compressed(f, allow_pickle=False, **arrays))
 
 
 def _initial(cfg: Config, d: int) -> tuple[torch.Tensor, float]:
@@ -217,7 +315,7 @@ def _initial(cfg: Config, d: int) -> tuple[torch.Tensor, float]:
     return v[:-1].clone(), float(v[-1])
 
 
-def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
+def run(cfg: Config, rd: RunDir, *, resume: bool) -> LogregSummary:
     """Fit the SVMs, run GD for ``cfg.epochs`` steps recording margins; return the summary."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)  # also seeds scikit-learn's solvers, which draw from numpy's global RNG
@@ -228,9 +326,10 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
     _save_adv_images(rd, test, cfg.n_adv_images, cfg.seed)
 
     w0, b0 = _initial(cfg, xtr.shape[1])
-    start_epoch, metrics = 0, list[dict[str, Any]]()
+    start_epoch, metrics = 0, list[LogregRecord]()
     if resume:
-        ck, metrics = resume_state(rd)  # the records up to the checkpoint (none: start over)
+        ck, records = resume_state(rd)  # the records up to the checkpoint (none: start over)
+        metrics = cast("list[LogregRecord]", records)  # the metrics.jsonl lines this experiment wrote
         if ck is not None:
             w0, b0, start_epoch = _weights_from(ck, rd, xtr.shape[1])
 
@@ -257,7 +356,7 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> dict[str, Any]:
             bar.update(target - epoch)
             epoch = target
             w, b = gd.weights()
-            rec, margins = _record(epoch, w, b, svm, (xtr, ytr), (xte, yte))
+            rec, margins = _record(epoch, w, b, svm, train=(xtr, ytr), test=(xte, yte))
             rd.log_metrics(rec)
             metrics.append(rec)
             if epoch in snaps:
@@ -278,39 +377,61 @@ def _weights_from(ck: TrainingState, rd: RunDir, d: int) -> tuple[torch.Tensor, 
 
 
 def _record(
-    epoch: int, w: torch.Tensor, b: float, svm: dict[str, Any], *splits: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """One metrics record, and the per-point margins of each split (kept at snapshot epochs)."""
+    epoch: int,
+    w: torch.Tensor,
+    b: float,
+    svm: SvmArrays,
+    *,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[LogregRecord, dict[str, np.ndarray]]:
+    """One metrics record of ``w [D]``, ``b`` on ``train`` and ``test`` (``x [N, D]``, ``y ±1 [N]``, float64),
+    and the per-point margins ``[N]`` (float32) of each split (kept at snapshot epochs)."""
     w_cpu = w.cpu()
-    rec: dict[str, Any] = {"epoch": epoch, "w_norm": float(w.norm()), "b": b}
-    for key, bias in (("cos_svm", "free"), ("cos_svm_reg", "regularized")):
-        rec[key] = direction_cosine(w_cpu, b, torch.from_numpy(svm[f"{bias}_w"]), float(svm[f"{bias}_b"]))
-    margins = {}
-    for name, (x, y) in zip(("train", "test"), splits, strict=True):
-        rec[name], m = split_stats(w, b, x, y)
-        margins[name] = m.float().cpu().numpy()
-    return rec, margins
+    w_norm = float(w.norm())
+    cos_svm, cos_svm_reg = (
+        direction_cosine(w_cpu, b, torch.from_numpy(np.asarray(svm[f"{bias}_w"])), float(svm[f"{bias}_b"]))
+        for bias in SVM_KINDS
+    )
+    train_stats, m_train = split_stats(w, b, *train)
+    test_stats, m_test = split_stats(w, b, *test)
+    rec: LogregRecord = {
+        "epoch": epoch,
+        "w_norm": w_norm,
+        "b": b,
+        "cos_svm": cos_svm,
+        "cos_svm_reg": cos_svm_reg,
+        "train": train_stats,
+        "test": test_stats,
+    }
+    return rec, {"train": m_train.float().cpu().numpy(), "test": m_test.float().cpu().numpy()}
 
 
 def _save_snapshot(rd: RunDir, epoch: int, w: torch.Tensor, b: float, margins: dict[str, np.ndarray]) -> None:
-    arrays = {"epoch": np.int64(epoch), "w": w.cpu().numpy(), "b": np.float64(b), **margins}
+    arrays: dict[str, np.ndarray | np.generic] = {
+        "epoch": np.int64(epoch),
+        "w": w.cpu().numpy(),
+        "b": np.float64(b),
+        **margins,
+    }
     path = margins_file(rd.path, epoch)
-    atomic_write_with(path, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write_with(path, lambda f: np.savez_compressed(f, allow_pickle=False, **arrays))
 
 
 def _summary(
     cfg: Config,
     gd: LogisticGD,
-    svm: dict[str, Any],
-    metrics: list[dict[str, Any]],
+    svm: SvmArrays,
+    metrics: list[LogregRecord],
     gd_seconds: float,
     *,
     n: tuple[int, int],
     device: torch.device,
-) -> dict[str, Any]:
-    """The headline numbers; the trade-off booleans compare the last record with the first."""
+) -> LogregSummary:
+    """The headline numbers (:class:`LogregSummary`); the trade-off booleans compare the last record with
+    the first."""
     first, last = metrics[0], metrics[-1]
-    out: dict[str, Any] = {
+    out: dict[str, str | int | float | bool] = {
         "dataset": cfg.data.dataset,
         "n_train": n[0],
         "n_test": n[1],
@@ -330,16 +451,18 @@ def _summary(
         "first_epoch": first["epoch"],
         "last_epoch": last["epoch"],
     }
-    for key in ("cos_svm", "cos_svm_reg"):
-        out[f"{key}_first"], out[f"{key}_last"] = first[key], last[key]
+    out["cos_svm_first"], out["cos_svm_last"] = first["cos_svm"], last["cos_svm"]
+    out["cos_svm_reg_first"], out["cos_svm_reg_last"] = first["cos_svm_reg"], last["cos_svm_reg"]
     for split in ("train", "test"):
         out.update(trend_summary(metrics, split))
         # One (w, b), hence one cosine for both splits; the keys exist per split for uniform reading.
-        out[f"{split}_cosine_rises"] = out["cos_svm_last"] > out["cos_svm_first"]
-        out[f"{split}_cosine_reg_rises"] = out["cos_svm_reg_last"] > out["cos_svm_reg_first"]
+        out[f"{split}_cosine_rises"] = last["cos_svm"] > first["cos_svm"]
+        out[f"{split}_cosine_reg_rises"] = last["cos_svm_reg"] > first["cos_svm_reg"]
     checks = ("min_margin_rises", "mean_margin_falls", "cosine_rises", "cosine_reg_rises")
     out["shows_tradeoff"] = all(out[f"{s}_{k}"] for s in ("train", "test") for k in checks)
-    return out
+    # the keys are built from the split names above; tests/test_logreg_gd.py checks they are exactly
+    # LogregSummary's, in its order
+    return cast(LogregSummary, out)
 
 
 def plot(run_dir: Path) -> list[Path]:

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,7 @@ class RunDir:
 
     @property
     def is_run_dir(self) -> bool:
+        """Whether the directory holds a run (its ``config.json`` exists), finished or not."""
         return (self.path / CONFIG).is_file()
 
     def _occupied_message(self) -> str:
@@ -210,6 +212,7 @@ class RunDir:
         self._lock_fd = fd
 
     def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (nothing if not held)."""
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -225,6 +228,7 @@ class RunDir:
     # -- contents -------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
+        """Whether the run finished (its ``summary.json`` exists)."""
         return (self.path / SUMMARY).is_file()
 
     def holds_work(self) -> bool:
@@ -234,25 +238,31 @@ class RunDir:
 
     @property
     def figures(self) -> Path:
+        """The ``figures/`` folder of the run, created if missing."""
         d = self.path / FIGURES
         d.mkdir(parents=True, exist_ok=True)
         return d
 
     @property
     def checkpoint(self) -> Path:
+        """The path of the run's checkpoint (``checkpoint.pt``; it may not exist yet)."""
         return self.path / CHECKPOINT
 
     @property
     def config(self) -> dict[str, Any]:
+        """The run's ``config.json`` (:func:`read_config`)."""
         return read_config(self.path)
 
-    def log_metrics(self, record: dict[str, Any]) -> None:
+    def log_metrics(self, record: Mapping[str, object]) -> None:
+        """Append ``record`` as one line of ``metrics.jsonl`` (fsynced; a kill tears at most this line)."""
         append_jsonl(self.path / METRICS, record)
 
     def metrics(self) -> list[dict[str, Any]]:
+        """Every record of ``metrics.jsonl`` (:func:`read_metrics`), as JSON values."""
         return read_metrics(self.path)
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: Mapping[str, object]) -> None:
+        """Write ``summary.json`` atomically (its presence marks the run finished)."""
         atomic_write_json(self.path / SUMMARY, summary)
 
     def rewind(self, epoch: int) -> list[dict[str, Any]]:

@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ def _snapshots(run_dir: Path) -> list[dict[str, np.ndarray]]:
     return sorted(snaps, key=lambda s: int(s["epoch"]))
 
 
-def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[np.ndarray, np.ndarray]:
+def _series(metrics: Sequence[Mapping[str, object]], *keys: str) -> tuple[np.ndarray, np.ndarray]:
     """Epochs and the value at the nested ``keys`` of each record (NaN where missing or null)."""
     epochs = np.array([m["epoch"] for m in metrics], dtype=float)
     vals = []
@@ -90,7 +91,7 @@ def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[np.ndarray, np.n
 
 
 # -- curves -------------------------------------------------------------------------------------------
-def _margins(metrics: list[dict[str, Any]], svm: dict[str, float], path: Path) -> Path:
+def _margins(metrics: Sequence[Mapping[str, object]], svm: dict[str, float], path: Path) -> Path:
     """Left: the minimum margin with the SVMs' as reference; right: mean (and median) margin. Each
     panel's y-range is fitted to its curves (the SVM lines included on the left)."""
     fig, axes = new_figure(1, 2, size=(9.5, 3.6))
@@ -124,7 +125,7 @@ def _margins(metrics: list[dict[str, Any]], svm: dict[str, float], path: Path) -
     return save(fig, path)
 
 
-def _cosine(metrics: list[dict[str, Any]], path: Path) -> Path:
+def _cosine(metrics: Sequence[Mapping[str, object]], path: Path) -> Path:
     fig, ax = new_figure(size=(5.2, 3.5))
     ax.plot(*_series(metrics, "cos_svm_reg"), color="tab:green", label="SVM with bias penalised (GD's limit)")
     ax.plot(*_series(metrics, "cos_svm"), color="tab:purple", ls="--", label="classical SVM (free bias)")
@@ -138,7 +139,7 @@ def _cosine(metrics: list[dict[str, Any]], path: Path) -> Path:
     return save(fig, path)
 
 
-def _loss_error(metrics: list[dict[str, Any]], path: Path) -> Path:
+def _loss_error(metrics: Sequence[Mapping[str, object]], path: Path) -> Path:
     fig, axes = new_figure(1, 2, size=(9, 3.3))
     ax_loss, ax_err = np.ravel(axes)
     for split, style in SPLIT_STYLE.items():

@@ -34,7 +34,6 @@ from marginlab.report.render import render_html, render_markdown
 __all__ = ["RunInfo", "default_out_dir", "load_runs", "write_report"]
 
 
-
 def __getattr__(name: str) -> Any:
     """Old names (``HTML_NAME``, ``MD_NAME``, ``FIGURE_COPIES``: now ``marginlab.lab.names.REPORT_*``),
     with a DeprecationWarning."""

@@ -50,11 +50,12 @@ def claims_of(summary: dict[str, Any], kind: str) -> list[Claim]:
     return []
 
 
-def verdict(value: Any) -> str:
+def verdict(value: object) -> str:
+    """The word for a summary's boolean check: holds (True), fails (False), not compared (anything else)."""
     return HOLDS if value is True else FAILS if value is False else NOT_COMPARED
 
 
-def num(value: Any, fmt: str = ".4g") -> str:
+def num(value: object, fmt: str = ".4g") -> str:
     """A number for a sentence (``–`` when missing)."""
     return "–" if not isinstance(value, int | float) or isinstance(value, bool) else format(value, fmt)
 

@@ -47,10 +47,12 @@ class RunInfo:
 
     @property
     def finished(self) -> bool:
+        """Whether the run finished (it has a summary)."""
         return self.summary is not None
 
     @property
     def kind(self) -> str:
+        """The experiment kind of the run's config (``"?"`` when it names none)."""
         return str(self.config.get("kind", "?"))
 
 

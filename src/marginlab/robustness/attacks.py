@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -207,15 +207,29 @@ def autoattack(
     return x_adv.detach(), notes
 
 
-def _fit_to_problem(aa: object, num_classes: int, square_ok: bool = True) -> list[str]:
+class _TargetedAttack(Protocol):
+    """What :func:`_fit_to_problem` sets on AutoAttack's targeted attacks (``apgd_targeted``, ``fab``)."""
+
+    n_target_classes: int
+
+
+class _AutoAttackPlan(Protocol):
+    """The parts of a ``pyautoattack.AutoAttack`` (untyped library) that :func:`_fit_to_problem` adjusts."""
+
+    apgd_targeted: _TargetedAttack
+    fab: _TargetedAttack
+    attacks_to_run: list[str]
+
+
+def _fit_to_problem(aa: _AutoAttackPlan, num_classes: int, square_ok: bool = True) -> list[str]:
     """Targeted attacks use up to 9 target classes; fewer classes need fewer targets, and DLR losses need
     at least 3 (untargeted) or 4 (targeted) classes. L2 Square needs images at least 5 pixels high."""
     targets = min(9, num_classes - 1)
-    aa.apgd_targeted.n_target_classes = targets  # type: ignore[attr-defined]
-    aa.fab.n_target_classes = targets  # type: ignore[attr-defined]
+    aa.apgd_targeted.n_target_classes = targets
+    aa.fab.n_target_classes = targets
     dlr = f"the DLR loss needs more than {num_classes} classes"
     reasons = {"apgd-t": dlr if num_classes <= 3 else None, "apgd-dlr": dlr if num_classes < 3 else None}
     reasons["square"] = None if square_ok else "L2 Square needs images at least 5 pixels high"
-    planned: list[str] = list(aa.attacks_to_run)  # type: ignore[attr-defined]
-    aa.attacks_to_run = [a for a in planned if not reasons.get(a)]  # type: ignore[attr-defined]
+    planned: list[str] = list(aa.attacks_to_run)
+    aa.attacks_to_run = [a for a in planned if not reasons.get(a)]
     return [f"AutoAttack: {a} skipped, {reasons[a]}" for a in planned if reasons.get(a)]

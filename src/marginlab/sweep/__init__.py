@@ -84,6 +84,7 @@ class SweepResult:
 
     @property
     def failed(self) -> list[RunRecord]:
+        """The runs that did not finish (failed, interrupted or never started), in grid order."""
         return [r for r in self.records if r.status != "finished"]
 
 

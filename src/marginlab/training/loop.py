@@ -51,7 +51,7 @@ from marginlab.training.progress import (
     postfix,
 )
 from marginlab.training.regularizers import Regularizer
-from marginlab.training.tracking import MarginTracker, save_points
+from marginlab.training.tracking import SPLITS, EpochRecord, MarginTracker, save_points
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def fit(
     rd: RunDir | None = None,
     resume: bool = False,
     dist: DistContext | None = None,
-) -> list[dict[str, Any]]:
-    """Train ``model`` in place on ``x [N,C,H,W]``, ``y [N]``; return one metric record per epoch.
+) -> list[EpochRecord]:
+    """Train ``model`` in place on ``x [N,C,H,W]``, ``y [N]``; return one metric record per epoch
+    (:class:`~marginlab.training.tracking.EpochRecord`, as ``metrics.jsonl`` holds them).
 
     ``regularizers``: loss terms ``r(model, features, logits, y) -> scalar`` added to the mean
     cross-entropy (their :meth:`~Regularizer.state_dict` is checkpointed). ``tracker``: measures margins
@@ -170,12 +171,14 @@ def fit(
         if resume:
             ckpt, records = restore_run(rd, model, optimizer, loop.data_gen, device, loop.dist, regularizers)
             if ckpt is not None:
-                loop.epoch, loop.step, loop.records = ckpt.epoch, ckpt.step, records
+                loop.epoch, loop.step = ckpt.epoch, ckpt.step
+                # the metrics.jsonl lines this loop wrote before the checkpoint, read back as JSON
+                loop.records = cast("list[EpochRecord]", records)
                 log.info("resuming after epoch %d of %d", ckpt.epoch, cfg.epochs)
         return loop.run(x.to(device), y.to(device))  # whole split on the device: indexing beats a DataLoader
 
 
-def check_finite(epoch: int, rec: dict[str, Any], model: nn.Module) -> None:
+def check_finite(epoch: int, rec: EpochRecord, model: nn.Module) -> None:
     """Stop a diverged run before its record and checkpoint are written (the last good one stays).
 
     Non-finite weights, loss or accuracy, or a NaN statistic of an *estimated* or exact margin (e.g. a
@@ -183,8 +186,9 @@ def check_finite(epoch: int, rec: dict[str, Any], model: nn.Module) -> None:
     model mean nothing. Bounds from attacks are not checked: an infinite bound is legitimate (a min-norm
     attack that found no adversarial reports +inf for that point, and a mean over +inf and -inf is NaN)."""
     bad = next((name for name, v in _numbers(rec) if _diverged(name, v)), None)
-    for split in ("train", "test"):
-        for est, st in rec.get(split, {}).get("margins", {}).items():
+    for split in SPLITS:
+        split_rec = rec.get(split)
+        for est, st in (split_rec.get("margins", {}) if split_rec is not None else {}).items():
             if bad is None and st.get("kind") in ("estimate", "exact"):
                 nan = [k for k, v in st.items() if isinstance(v, float) and math.isnan(v)]
                 bad = f"{split}.margins.{est}.{nan[0]}" if nan else None
@@ -199,7 +203,7 @@ def _diverged(name: str, value: float) -> bool:
     return any(word in leaf for word in ("loss", "objective", "acc")) and not math.isfinite(value)
 
 
-def _numbers(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+def _numbers(obj: object, prefix: str = "") -> list[tuple[str, float]]:
     """Every number of a nested record as ``(dotted key, value)`` (wall-clock times left out)."""
     if isinstance(obj, dict):
         return [kv for k, v in obj.items() if k != "time" for kv in _numbers(v, f"{prefix}{k}.")]
@@ -224,9 +228,11 @@ class _Loop:
     data_gen: torch.Generator = field(default_factory=torch.Generator)  # data order: explicit, checkpointed
     epoch: int = -1
     step: int = 0
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[EpochRecord] = field(default_factory=list)
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> list[EpochRecord]:
+        """Train the epochs after ``epoch`` up to ``cfg.epochs`` on ``x [N,C,H,W]``, ``y [N]`` (on the
+        device); return every record, the resumed ones included."""
         net: nn.Module = FeaturesAndLogits(self.model)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -241,11 +247,11 @@ class _Loop:
         try:
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
                 t0 = time.perf_counter()
-                rec: dict[str, Any] = {"epoch": epoch}
+                rec: EpochRecord = {"epoch": epoch}
                 if epoch > 0:
-                    rec.update(self.train_epoch(net, x, y, hide))
+                    self.train_epoch(net, x, y, hide, rec)
                     self.step += -(-len(y) // self.cfg.batch_size)
-                rec.update(step=self.step, lr=self.lr)
+                rec["step"], rec["lr"] = self.step, self.lr
                 t1 = time.perf_counter()
                 bound_s = self.track(epoch, rec)
                 check_finite(epoch, rec, self.model)
@@ -269,9 +275,10 @@ class _Loop:
         return self.records
 
     def train_epoch(
-        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, hide: bool | None
-    ) -> dict[str, Any]:
-        """One seeded pass over the data; the epoch's mean training loss, accuracy and loss terms."""
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, hide: bool | None, rec: EpochRecord
+    ) -> None:
+        """One seeded pass over ``x [N,C,H,W]``, ``y [N]``; adds the epoch's mean training loss, objective,
+        accuracy and (with regularizers) loss terms to ``rec``."""
         net.train()
         n, bs, dist, regs = len(y), self.cfg.batch_size, self.dist, self.regularizers
         perm = torch.randperm(n, generator=self.data_gen).to(x.device)
@@ -306,28 +313,26 @@ class _Loop:
             raise ConfigError(
                 f"training diverged at epoch {self.epoch + 1} (the loss is {float(sums[1])}); lower train.lr"
             )
-        out: dict[str, Any] = {
-            "train_loss_epoch": float(sums[0]),
-            "train_objective_epoch": float(sums[1]),
-            "train_acc_epoch": float(sums[2]),
-        }
+        rec["train_loss_epoch"] = float(sums[0])
+        rec["train_objective_epoch"] = float(sums[1])
+        rec["train_acc_epoch"] = float(sums[2])
         if regs:
-            out["regularizers_epoch"] = {r.name: float(sums[3 + i]) for i, r in enumerate(regs)}
-        return out
+            rec["regularizers_epoch"] = {r.name: float(sums[3 + i]) for i, r in enumerate(regs)}
 
-    def track(self, epoch: int, rec: dict[str, Any]) -> float:
+    def track(self, epoch: int, rec: EpochRecord) -> float:
         """Measure margins into ``rec`` (and keep the per-point margins) when this epoch is tracked;
         return the seconds the tracked bound took (0 if none was measured)."""
         if self.tracker is None or not self.tracker.cfg.tracks(epoch, self.cfg.epochs):
             return 0.0
         cfg = self.tracker.cfg
         meas = self.tracker.measure(self.model, epoch, bound=cfg.bounds(epoch, self.cfg.epochs))
-        rec.update(meas.record)
+        for split, split_rec in meas.record.items():
+            rec[split] = split_rec
         if self.rd is not None and self.dist.is_main and self.tracker.cfg.saves(epoch, self.cfg.epochs):
             save_points(self.rd.path, epoch, meas.points)
         return meas.bound_s
 
-    def end_epoch(self, rec: dict[str, Any], writer: Any) -> None:
+    def end_epoch(self, rec: EpochRecord, writer: Any) -> None:
         """Log the record and write the checkpoint (rank 0); every rank contributes its RNG state."""
         if self.rd is None:
             return

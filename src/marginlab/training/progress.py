@@ -16,6 +16,9 @@ from marginlab.base.errors import ConfigError
 from marginlab.base.logs import bars_allowed
 from marginlab.lab.names import TENSORBOARD
 from marginlab.lab.runs import RunDir
+from marginlab.training.tracking import SPLITS, EpochRecord, MarginStat, Split
+
+_BOARD_STATS: tuple[MarginStat, ...] = ("min", "mean", "median")  # margin statistics sent to TensorBoard
 
 
 def __getattr__(name: str) -> Any:
@@ -44,19 +47,25 @@ def open_tensorboard(enabled: bool, rd: RunDir | None, dist: DistContext, purge_
     return SummaryWriter(str(rd.path / TENSORBOARD), purge_step=purge_step)
 
 
-def log_tensorboard(writer: Any, rec: dict[str, Any]) -> None:
+def log_tensorboard(writer: Any, rec: EpochRecord) -> None:
     """Scalars of one epoch record: epoch averages, subset loss / accuracy, margin min / mean / median."""
     step = rec["epoch"]
-    for key in ("train_loss_epoch", "train_acc_epoch", "train_objective_epoch"):
-        if rec.get(key) is not None:
-            writer.add_scalar(f"epoch/{key.removesuffix('_epoch')}", rec[key], step)
-    for split in ("train", "test"):
+    means = {
+        "train_loss_epoch": rec.get("train_loss_epoch"),
+        "train_acc_epoch": rec.get("train_acc_epoch"),
+        "train_objective_epoch": rec.get("train_objective_epoch"),
+    }
+    for key, value in means.items():
+        if value is not None:
+            writer.add_scalar(f"epoch/{key.removesuffix('_epoch')}", value, step)
+    for split in SPLITS:
         if split not in rec:
             continue
-        writer.add_scalar(f"{split}/loss", rec[split]["loss"], step)
-        writer.add_scalar(f"{split}/acc", rec[split]["acc"], step)
-        for name, st in rec[split]["margins"].items():
-            for stat in ("min", "mean", "median"):
+        split_rec = rec[split]
+        writer.add_scalar(f"{split}/loss", split_rec["loss"], step)
+        writer.add_scalar(f"{split}/acc", split_rec["acc"], step)
+        for name, st in split_rec["margins"].items():
+            for stat in _BOARD_STATS:
                 writer.add_scalar(f"margin/{split}/{name}/{stat}", st[stat], step)
     writer.flush()
 
@@ -66,7 +75,7 @@ def on_terminal() -> bool:
     return bars_allowed() and sys.stderr.isatty()
 
 
-def postfix(rec: dict[str, Any]) -> dict[str, str]:
+def postfix(rec: EpochRecord) -> dict[str, str]:
     """Progress-bar fields: loss, train / test accuracy and the first estimator's min / mean margin."""
     out = {}
     if "train_loss_epoch" in rec:
@@ -74,14 +83,14 @@ def postfix(rec: dict[str, Any]) -> dict[str, str]:
         out["train_acc"] = f"{rec['train_acc_epoch']:.3f}"
     if "test" in rec:
         out["test_acc"] = f"{rec['test']['acc']:.3f}"
-    split = "test" if "test" in rec else "train" if "train" in rec else None
+    split: Split | None = "test" if "test" in rec else "train" if "train" in rec else None
     if split is not None and rec[split]["margins"]:
         name, st = next(iter(rec[split]["margins"].items()))
         out[f"{split} {name} min/mean"] = f"{st['min']:.3g}/{st['mean']:.3g}"
     return out
 
 
-def epoch_line(rec: dict[str, Any], epochs: int) -> str:
+def epoch_line(rec: EpochRecord, epochs: int) -> str:
     """One log line for an epoch record::
 
     epoch 3/20  loss 0.2130  train acc 0.941  test acc 0.932  first-order (estimate) train min/mean
@@ -96,7 +105,7 @@ def epoch_line(rec: dict[str, Any], epochs: int) -> str:
     if "test" in rec:
         parts.append(f"test acc {rec['test']['acc']:.3f}")
     margins = [
-        (split, rec[split]["margins"]) for split in ("train", "test") if rec.get(split, {}).get("margins")
+        (split, rec[split]["margins"]) for split in SPLITS if split in rec and rec[split].get("margins")
     ]
     if margins:
         name = next(iter(margins[0][1]))

@@ -252,8 +252,10 @@ class Orthogonality(Regularizer):
         )
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.probes == 0:
-            return None
+        """The probes' generator on ``device`` (None for the exact penalty, which draws nothing)."""
+        return None if self.probes == 0 else self._stream(device)
+
+    def _stream(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:  # own stream: probes never disturb the data-order RNG
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
@@ -270,7 +272,7 @@ class Orthogonality(Regularizer):
         last = state.get("last")
         self._last = None if last is None else torch.tensor(last, dtype=torch.float64)
         for device, rng in state.get("rng", {}).items():
-            self._generator(torch.device(device)).set_state(rng)  # type: ignore[union-attr]
+            self._stream(torch.device(device)).set_state(rng)  # saved only where probes drew from it
 
     def __call__(self, model: nn.Module, features: Tensor, logits: Tensor, y: Tensor) -> Tensor:
         step, self.step = self.step, self.step + 1

@@ -208,7 +208,7 @@ class Measurement:
     """One tracked epoch: the JSON ``record`` per split and the per-point arrays behind it (full subset);
     ``bound_s``: the seconds the bound took (0 when it was not measured)."""
 
-    record: dict[str, SplitRecord]
+    record: dict[Split, SplitRecord]
     points: dict[str, dict[str, np.ndarray]]
     bound_s: float = 0.0
 
@@ -227,7 +227,7 @@ class MarginTracker:
     def __init__(
         self,
         cfg: TrackingConfig,
-        splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        splits: dict[Split, tuple[torch.Tensor, torch.Tensor]],
         *,
         seed: int,
         device: torch.device,
@@ -238,7 +238,7 @@ class MarginTracker:
         names = [*cfg.estimators, *([cfg.bound] if cfg.bound else [])]
         self.kinds = {n: str(to_jsonable(getattr(ESTIMATORS.get(n), "kind", "unknown"))) for n in names}
         sizes = {"train": cfg.n_train, "test": cfg.n_test}
-        self.subsets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.subsets: dict[Split, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for i, (split, (x, y)) in enumerate(splits.items()):
             idx = fixed_subset(len(y), sizes.get(split), seed + 7919 * (i + 1))
             self.subsets[split] = (idx, x[idx], y[idx])
@@ -249,7 +249,7 @@ class MarginTracker:
         was_training = model.training
         model.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        record: dict[str, SplitRecord] = {}
+        record: dict[Split, SplitRecord] = {}
         points: dict[str, dict[str, np.ndarray]] = {}
         bound_s = 0.0
         # Estimators may draw random numbers; a forked, epoch-seeded stream keeps the training RNG
