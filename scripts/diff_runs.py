@@ -66,7 +66,9 @@ def _same(a: Any, b: Any, where: str, out: list[str]) -> None:
     except ImportError:
         pass
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        if not (np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b, equal_nan=True)):
+        xa, xb = np.asarray(a), np.asarray(b)
+        nan_ok = xa.dtype.kind in "fc"  # equal_nan only for float and complex arrays
+        if not (xa.dtype == xb.dtype and np.array_equal(xa, xb, equal_nan=nan_ok)):
             out.append(f"{where}: arrays differ")
         return
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):

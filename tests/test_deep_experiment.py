@@ -12,9 +12,10 @@ import torch
 from marginlab.base.config import load_config
 from marginlab.base.errors import ConfigError, DataError
 from marginlab.base.fsio import read_jsonl
+from marginlab.core.stats import QUANTILES
 from marginlab.experiments import build_config, plot_run, run_experiment
 from marginlab.lab.runs import read_summary
-from marginlab.training.tracking import QUANTILES, load_points
+from marginlab.training.tracking import load_points
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

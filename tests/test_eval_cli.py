@@ -111,6 +111,18 @@ def test_margins_parquet(mlp, tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 0 and "csv" in err and not (out / "margins.parquet").exists()
 
 
+def test_robustness_command_linf_takes_the_default_bound_of_its_norm(mlp, tmp_path):
+    # --bound left out means "auto": FMN for Linf (DDN has no Linf mode; the default was once "ddn")
+    _, weights = mlp
+    out = tmp_path / "rob"
+    argv = ["robustness", "--model", "mlp", *WIDTH, "--weights", str(weights), "--data", "digits",
+            "--n", "10", "--eps", "0.05", "--norm", "Linf", "--attacks", "pgd", "--steps", "5",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    settings = json.loads((out / "robustness.json").read_text())["settings"]
+    assert settings["norm"] == "Linf" and settings["bound"] == "fmn"
+
+
 def test_robustness_command(mlp, tmp_path, capsys):
     model, weights = mlp
     out = tmp_path / "rob"

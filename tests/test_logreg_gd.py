@@ -12,14 +12,8 @@ import torch
 from marginlab.base.errors import ConfigError
 from marginlab.core.logistic import LogisticGD, smoothness_constant
 from marginlab.experiments import logreg_gd, resume_experiment, run_experiment
-from marginlab.experiments.logreg_gd import (
-    Config,
-    LogregRecord,
-    LogregSummary,
-    SplitStats,
-    record_epochs,
-    snapshot_epochs,
-)
+from marginlab.experiments.logreg_gd import Config, record_epochs, snapshot_epochs
+from marginlab.experiments.logreg_records import LogregRecord, LogregSummary, SplitStats
 
 
 def _mean_logistic_loss(v: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from marginlab.core.stats import margin_stats
-from marginlab.training.tracking import BoundSummary, MarginSummary, margin_summary
+from marginlab.training.records import BoundSummary, MarginSummary, margin_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "marginlab"

@@ -8,8 +8,9 @@ import torch
 
 from conftest import margin_values
 from marginlab.base.errors import ConfigError
+from marginlab.core.stats import margin_stats
 from marginlab.nets.models import build_model
-from marginlab.training.tracking import MarginTracker, TrackingConfig, margin_stats
+from marginlab.training.tracking import MarginTracker, TrackingConfig
 
 
 def test_bound_schedule_and_values() -> None:

@@ -13,13 +13,14 @@ from marginlab.base.config import from_dict
 from marginlab.base.device import resolve_device
 from marginlab.base.distributed import DistContext, shard_bounds
 from marginlab.base.errors import ConfigError
+from marginlab.core.stats import margin_stats
 from marginlab.data import load_dataset
 from marginlab.nets.models import build_model
 from marginlab.training.checkpoint import capture_rng, restore_rng
 from marginlab.training.loop import TrainConfig, fit
 from marginlab.training.progress import log_tensorboard, postfix
 from marginlab.training.regularizers import AverageMargin
-from marginlab.training.tracking import MarginTracker, TrackingConfig, fixed_subset, margin_stats
+from marginlab.training.tracking import MarginTracker, TrackingConfig, fixed_subset
 
 CPU = torch.device("cpu")
 

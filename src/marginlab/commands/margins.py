@@ -37,7 +37,7 @@ from marginlab.estimators import ESTIMATORS, MarginResult, estimate_margins
 from marginlab.estimators.base import NORM_ERROR, NORMS, validate_params
 from marginlab.lab.margins_table import check_format, table_path, write_table
 from marginlab.lab.names import MARGINS_SUMMARY, MARGINS_TABLE, WEIGHTS
-from marginlab.training.tracking import MarginSummary, margin_summary
+from marginlab.training.records import MarginSummary, margin_summary
 
 FORMATS = ("csv", "parquet")
 EXAMPLE = (

@@ -49,7 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attacks", default=",".join(d.attacks), help=f"in order, from: {', '.join(ATTACKS.names())}"
     )
-    p.add_argument("--bound", default=d.bound, help="min-norm attack for the bound pre-pass, or 'none'")
+    p.add_argument(
+        "--bound",
+        default="auto",  # not d.bound: the settings resolve "auto" for their own (L2) norm
+        help="min-norm attack for the bound pre-pass ('auto': the norm's default, DDN for L2, FMN for Linf), "
+        "or 'none'",
+    )
     p.add_argument("--steps", type=int_arg, default=d.steps, help="PGD steps (the reference: 1000)")
     p.add_argument("--step-size", type=float, default=d.step_size, help="PGD step size")
     p.add_argument("--aa-version", default=d.aa_version, choices=["standard", "plus", "custom"])

@@ -36,7 +36,8 @@ from marginlab.training.recipes import (
     reference_lr,
     resolve_config,
 )
-from marginlab.training.tracking import EpochRecord, MarginTracker, Split, TrackingConfig
+from marginlab.training.records import EpochRecord, Split
+from marginlab.training.tracking import MarginTracker, TrackingConfig
 from marginlab.training.trends import EstimatorTrends, margin_trends
 
 

@@ -28,7 +28,8 @@ from marginlab.lab.readers import read_config, read_metrics, read_robustness, re
 from marginlab.plots.common import fit_ylim, margin_label, new_figure, recipe_style, save, styled
 from marginlab.plots.training import draw_series, kind_of
 from marginlab.robustness import robustness_curve
-from marginlab.training.tracking import SPLITS, EpochRecord, MarginStat, Split, load_points
+from marginlab.training.records import SPLITS, EpochRecord, MarginStat, Split
+from marginlab.training.tracking import load_points
 
 PANELS: tuple[tuple[Split, MarginStat], ...] = (
     ("train", "mean"),

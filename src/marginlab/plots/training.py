@@ -11,6 +11,7 @@ The ``draw_*`` helpers take records, so other experiments (the regularizer compa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -20,20 +21,13 @@ import numpy as np
 from marginlab.lab.names import FIGURES, HISTOGRAMS_FIGURE, LOSS_ACCURACY_FIGURE, MARGINS_FIGURE
 from marginlab.lab.readers import read_config, read_metrics
 from marginlab.plots.common import SPLIT_COLORS, SPLIT_STYLE, fit_ylim, margin_label, new_figure, save, styled
-from marginlab.training.tracking import (
-    SPLITS,
-    EpochRecord,
-    MarginStat,
-    Split,
-    estimator_margins,
-    load_points,
-    series,
-)
+from marginlab.training.records import SPLITS, EpochRecord, MarginStat, Split, estimator_margins
+from marginlab.training.tracking import load_points
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["SPLIT_COLORS", "draw_series", "estimator_names", "kind_of", "plot_training"]
+__all__ = ["SPLIT_COLORS", "draw_series", "estimator_names", "gapped_series", "kind_of", "plot_training"]
 
 STAT_TITLES: dict[MarginStat, str] = {
     "min": "minimum margin",
@@ -86,24 +80,72 @@ def kind_of(records: Sequence[EpochRecord], name: str) -> str:
     return "?"
 
 
+def gapped_series(
+    records: Sequence[EpochRecord], split: Split, name: str, stat: MarginStat
+) -> tuple[list[int], list[float]]:
+    """``(epochs, values)`` of one margin statistic over every epoch that recorded estimator ``name`` on
+    ``split``, with NaN where the statistic is ``null`` (it was not finite, e.g. ``+inf`` from a failed
+    attack: JSON has no infinity). Unlike :func:`~marginlab.training.tracking.series`, which leaves such
+    epochs out, the NaN keeps their place, so a line drawn through the values breaks there instead of
+    joining its neighbours; epochs that did not measure ``name`` at all (a bound measured every k-th
+    epoch) are still left out. Every statistic of one estimator has the same epochs."""
+    epochs: list[int] = []
+    values: list[float] = []
+    for r in records:
+        m = estimator_margins(r, split, name)
+        if m is not None:
+            value = m.get(stat)
+            epochs.append(int(r["epoch"]))
+            values.append(math.nan if value is None else float(value))
+    return epochs, values
+
+
 def draw_series(
     ax: Axes, records: Sequence[EpochRecord], split: Split, name: str, stat: MarginStat, **kw: Any
 ) -> tuple[list[int], list[float]]:
     """One margin statistic vs epoch; ``stat="median"`` also shades the 10-90% quantile band.
 
-    Returns every ``(epochs, values)`` drawn (the band's edges included) for :func:`fit_ylim`.
+    Values recorded as ``null`` (not finite) are NaN gaps in the line and the band (see
+    :func:`gapped_series`), never joined over or filled in, and the axes say so in a small note; a
+    band edge point with no finite neighbour is drawn as a vertical bar, a line point as a marker.
+    Returns every ``(epochs, values)`` drawn (the band's edges included; NaN at the gaps) for
+    :func:`fit_ylim`.
     """
-    epochs, values = series(records, split, name, stat)
+    epochs, values = gapped_series(records, split, name, stat)
     if not epochs:
         return [], []
-    (line,) = ax.plot(epochs, values, marker="." if len(epochs) < 30 else None, **kw)
-    if stat == "median":
-        e10, q10 = series(records, split, name, "q10")
-        _, q90 = series(records, split, name, "q90")
-        if e10 == epochs:
-            ax.fill_between(epochs, q10, q90, color=line.get_color(), alpha=0.15, linewidth=0)
-            return epochs * 3, values + q10 + q90
-    return epochs, values
+    gaps = any(math.isnan(v) for v in values)
+    (line,) = ax.plot(epochs, values, marker="." if len(epochs) < 30 or gaps else None, **kw)
+    if stat != "median":
+        if gaps:
+            _note_not_finite(ax)
+        return epochs, values
+    _, q10 = gapped_series(records, split, name, "q10")
+    _, q90 = gapped_series(records, split, name, "q90")
+    finite = np.isfinite(q10) & np.isfinite(q90)  # [len(epochs)]
+    color = line.get_color()
+    # fill_between masks the NaN epochs itself: the band breaks there
+    ax.fill_between(epochs, q10, q90, color=color, alpha=0.15, linewidth=0)
+    prev = np.concatenate([[False], finite[:-1]])
+    after = np.concatenate([finite[1:], [False]])
+    alone = finite & ~prev & ~after  # a one-epoch band has no width: a bar shows it
+    if alone.any():
+        x, lo, hi = (np.asarray(a)[alone] for a in (epochs, q10, q90))
+        ax.vlines(x, lo, hi, color=color, alpha=0.35, linewidth=3)
+    if gaps or not finite.all():
+        _note_not_finite(ax)
+    return epochs * 3, values + q10 + q90
+
+
+NOT_FINITE_NOTE = "gaps: not finite (null in metrics.jsonl)"
+
+
+def _note_not_finite(ax: Axes) -> None:
+    """Say on ``ax`` (once) that some drawn statistics were not finite and are gaps."""
+    if not any(t.get_text() == NOT_FINITE_NOTE for t in ax.texts):
+        ax.text(
+            0.01, 0.99, NOT_FINITE_NOTE, transform=ax.transAxes, ha="left", va="top", fontsize=7, color="0.35"
+        )
 
 
 def plot_margin_curves(
@@ -167,12 +209,23 @@ def plot_histograms(
             if not arrays:
                 ax.set_visible(False)
                 continue
+            # ±inf margins (failed attacks) have no place on the axis: left out, and counted in the legend
+            finite = {e: a[np.isfinite(a)] for e, a in arrays.items()}
+            pooled = np.concatenate(list(finite.values()))
+            if not len(pooled):
+                ax.text(0.5, 0.5, "no finite margins", transform=ax.transAxes, ha="center", va="center")
+                ax.set_title(f"{split}: {name} margin")
+                continue
             # shared bins over every epoch shown, from robust quantiles so one outlier cannot squash them
-            lo, hi = np.quantile(np.concatenate(list(arrays.values())), [0.005, 0.995])
+            lo, hi = np.quantile(pooled, [0.005, 0.995])
             bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
-            for c, (e, a) in enumerate(arrays.items()):
+            for c, (e, a) in enumerate(finite.items()):
                 color = cmap(c / max(len(arrays) - 1, 1))
-                ax.hist(np.clip(a, lo, hi), bins=bins, histtype="step", color=color, label=f"epoch {e}")
+                left_out = len(arrays[e]) - len(a)
+                label = f"epoch {e}" + (
+                    f" ({left_out} of {len(arrays[e])} not finite, not drawn)" if left_out else ""
+                )
+                ax.hist(np.clip(a, lo, hi), bins=bins, histtype="step", color=color, label=label)
             ax.axvline(0.0, color="0.5", linewidth=0.6)
             ax.set_title(f"{split}: {name} margin")
             kind = (kinds or {}).get(name)

@@ -50,8 +50,9 @@ from marginlab.training.progress import (
     open_tensorboard,
     postfix,
 )
+from marginlab.training.records import SPLITS, EpochRecord
 from marginlab.training.regularizers import Regularizer
-from marginlab.training.tracking import SPLITS, EpochRecord, MarginTracker, save_points
+from marginlab.training.tracking import MarginTracker, save_points
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from marginlab.base.errors import ConfigError
 from marginlab.base.logs import bars_allowed
 from marginlab.lab.names import TENSORBOARD
 from marginlab.lab.runs import RunDir
-from marginlab.training.tracking import SPLITS, EpochRecord, MarginStat, Split
+from marginlab.training.records import SPLITS, EpochRecord, MarginStat, Split
 
 _BOARD_STATS: tuple[MarginStat, ...] = ("min", "mean", "median")  # margin statistics sent to TensorBoard
 

@@ -16,10 +16,9 @@ rank measures its contiguous shard of the subset and the shards are gathered on 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Required, TypedDict, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -37,74 +36,12 @@ from marginlab.estimators import estimate_margins
 from marginlab.estimators.base import ESTIMATORS, MarginKind, validate_params
 from marginlab.lab.readers import margins_files, read_margins_file
 from marginlab.lab.runs import margins_file
-
-Split = Literal["train", "test"]
-SPLITS: tuple[Split, ...] = ("train", "test")
-"""The tracked splits, in the order records and figures list them."""
-
-MarginStat = Literal["min", "mean", "median", "q10", "q25", "q75", "q90", "max", "neg_share"]
-"""A statistic of :func:`marginlab.core.stats.margin_stats` (its ``"tracking"`` form)."""
-
-
-class MarginSummary(TypedDict):
-    """One estimator's margins on a tracked subset: its kind (``"estimate"``, ``"upper bound"``...) and the
-    statistics of :func:`marginlab.core.stats.margin_stats` (``"tracking"`` form) over the subset's
-    per-point signed margins ``[n]``. A JSON file holds ``null`` where a statistic was not finite."""
-
-    kind: str
-    min: float
-    mean: float
-    median: float
-    q10: float
-    q25: float
-    q75: float
-    q90: float
-    max: float
-    neg_share: float
-
-
-class BoundSummary(MarginSummary):
-    """The tracked bound's :class:`MarginSummary`, plus ``n``: the points it ran on (``tracking.bound_n``)."""
-
-    n: int
-
-
-class SplitRecord(TypedDict):
-    """What one tracked epoch records per split: subset size ``n``, mean cross-entropy ``loss`` and
-    accuracy ``acc`` on the subset, and per estimator (and the tracked bound) its :class:`MarginSummary`."""
-
-    n: int
-    loss: float
-    acc: float
-    margins: dict[str, MarginSummary]
-
-
-class EpochRecord(TypedDict, total=False):
-    """One line of a ``train`` run's ``metrics.jsonl``, as :func:`marginlab.training.loop.fit` writes it.
-
-    ``epoch`` (0 = the untrained model) is always there; the training loop adds the epoch's training
-    means (``train_loss_epoch``, ``train_objective_epoch``, ``train_acc_epoch``, and with regularizers
-    ``regularizers_epoch``: each term's mean), ``step``, ``lr`` and wall-clock seconds ``time``
-    (``train_s``, ``track_s``, maybe ``bound_s``); on tracked epochs the tracker adds a
-    :class:`SplitRecord` per split."""
-
-    epoch: Required[int]
-    train_loss_epoch: float
-    train_objective_epoch: float
-    train_acc_epoch: float
-    regularizers_epoch: dict[str, float]
-    step: int
-    lr: float
-    train: SplitRecord
-    test: SplitRecord
-    time: dict[str, float]
-
-
-def margin_summary(kind: str, m: torch.Tensor) -> MarginSummary:
-    """``{"kind": kind, **margin_stats(m)}`` for per-point signed margins ``m [n]``, in that key order."""
-    # margin_stats returns a plain dict whose keys (its "tracking" form) are exactly MarginSummary's others
-    return cast(MarginSummary, {"kind": kind, **margin_stats(m)})
-
+from marginlab.training.records import (
+    BoundSummary,
+    Split,
+    SplitRecord,
+    margin_summary,
+)
 
 _NORMS = (Norm.L2, Norm.Linf)  # tracking.p: 2 or "inf" (recorded as written)
 _P_ERROR = 'tracking.p must be 2 or "inf", got {value!r}'
@@ -354,25 +291,3 @@ def load_points(run_dir: str | Path) -> dict[int, dict[str, dict[str, np.ndarray
             split, _, name = key.partition("/")
             out.setdefault(epoch, {}).setdefault(split, {})[name] = value
     return out
-
-
-def series(
-    records: Sequence[EpochRecord], split: Split, estimator: str, stat: MarginStat
-) -> tuple[list[int], list[float]]:
-    """``(epochs, values)`` of one margin statistic over the tracked epochs of ``records`` (epochs where
-    it is missing or ``null`` left out)."""
-    epochs: list[int] = []
-    values: list[float] = []
-    for r in records:
-        m = estimator_margins(r, split, estimator)
-        value = m.get(stat) if m is not None else None
-        if value is not None:
-            epochs.append(int(r["epoch"]))
-            values.append(float(value))
-    return epochs, values
-
-
-def estimator_margins(record: EpochRecord, split: Split, estimator: str) -> MarginSummary | None:
-    """``record[split]["margins"][estimator]``, or ``None`` where the epoch did not track it."""
-    s = record.get(split)
-    return s.get("margins", {}).get(estimator) if s is not None else None

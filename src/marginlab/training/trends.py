@@ -12,14 +12,8 @@ from typing import NotRequired, TypedDict
 
 import numpy as np
 
-from marginlab.training.tracking import (
-    SPLITS,
-    EpochRecord,
-    Split,
-    estimator_margins,
-    load_points,
-    series,
-)
+from marginlab.training.records import SPLITS, EpochRecord, Split, estimator_margins, series
+from marginlab.training.tracking import load_points
 
 DEFINITIONS = {
     "init": "epoch 0: the randomly initialised model, before any training",
@@ -104,8 +98,7 @@ def margin_trends(
     for name in estimators:
         entry: EstimatorTrends = {}
         for split in SPLITS:
-            ep, mins = series(records, split, name, "min")
-            _, means = series(records, split, name, "mean")
+            ep, mins, means = _min_mean(records, split, name)
             trained = [i for i, e in enumerate(ep) if e >= 1]
             if not trained:
                 continue
@@ -127,6 +120,22 @@ def margin_trends(
             findings.append(_finding(name, kind, split, t))
         margins[name] = entry
     return {"margins": margins, "findings": findings, "definitions": DEFINITIONS}
+
+
+def _min_mean(
+    records: Sequence[EpochRecord], split: Split, name: str
+) -> tuple[list[int], list[float], list[float]]:
+    """``(epochs, mins, means)`` over the epochs where both the min and the mean margin are known.
+
+    Records read back from ``metrics.jsonl`` (a resumed run) hold ``null`` where a statistic was not
+    finite; taking the two statistics over the same epochs keeps them aligned (an epoch whose min is known
+    but whose mean is not is left out of both), never pairing one epoch's min with another's mean.
+    """
+    ep_min, mins = series(records, split, name, "min")
+    ep_mean, means = series(records, split, name, "mean")
+    mean_at = dict(zip(ep_mean, means, strict=True))
+    both = [(e, m) for e, m in zip(ep_min, mins, strict=True) if e in mean_at]
+    return [e for e, _ in both], [m for _, m in both], [mean_at[e] for e, _ in both]
 
 
 def _after_interpolation(
