@@ -18,10 +18,17 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
-from marginlab.lab.names import FIGURES, HISTOGRAMS_FIGURE, LOSS_ACCURACY_FIGURE, MARGINS_FIGURE
+from marginlab.lab.names import FIGURES, HISTOGRAMS_FIGURE, LOSS_ACCURACY_FIGURE, MARGINS_FIGURE, METRICS
 from marginlab.lab.readers import read_config, read_metrics
 from marginlab.plots.common import SPLIT_COLORS, SPLIT_STYLE, fit_ylim, margin_label, new_figure, save, styled
-from marginlab.training.records import SPLITS, EpochRecord, MarginStat, Split, estimator_margins
+from marginlab.training.records import (
+    SPLITS,
+    EpochRecord,
+    MarginStat,
+    Split,
+    estimator_margins,
+    recorded_kind,
+)
 from marginlab.training.tracking import load_points
 
 if TYPE_CHECKING:
@@ -72,12 +79,7 @@ def estimator_names(records: Sequence[EpochRecord]) -> list[str]:
 
 def kind_of(records: Sequence[EpochRecord], name: str) -> str:
     """The kind (``"estimate"``, ``"upper bound"``...) recorded for estimator ``name``; ``"?"`` if none."""
-    for r in records:
-        for split in SPLITS:
-            m = estimator_margins(r, split, name)
-            if m is not None:
-                return str(m.get("kind", "?"))
-    return "?"
+    return recorded_kind(records, name) or "?"
 
 
 def gapped_series(
@@ -137,7 +139,7 @@ def draw_series(
     return epochs * 3, values + q10 + q90
 
 
-NOT_FINITE_NOTE = "gaps: not finite (null in metrics.jsonl)"
+NOT_FINITE_NOTE = f"gaps: not finite (null in {METRICS})"
 
 
 def _note_not_finite(ax: Axes) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "SplitRecord",
     "estimator_margins",
     "margin_summary",
+    "recorded_kind",
     "series",
 ]
 
@@ -115,3 +116,17 @@ def estimator_margins(record: EpochRecord, split: Split, estimator: str) -> Marg
     """``record[split]["margins"][estimator]``, or ``None`` where the epoch did not track it."""
     s = record.get(split)
     return s.get("margins", {}).get(estimator) if s is not None else None
+
+
+def recorded_kind(
+    records: Sequence[EpochRecord], estimator: str, splits: Sequence[Split] = SPLITS
+) -> str | None:
+    """The kind (``"estimate"``, ``"upper bound"``...) the first record tracking ``estimator`` on one of
+    ``splits`` recorded for it; ``None`` if no record tracked it (or that record names no kind)."""
+    for r in records:
+        for split in splits:
+            m = estimator_margins(r, split, estimator)
+            if m is not None:
+                kind = m.get("kind")
+                return None if kind is None else str(kind)
+    return None

@@ -12,7 +12,7 @@ from typing import NotRequired, TypedDict
 
 import numpy as np
 
-from marginlab.training.records import SPLITS, EpochRecord, Split, estimator_margins, series
+from marginlab.training.records import SPLITS, EpochRecord, Split, recorded_kind, series
 from marginlab.training.tracking import load_points
 
 DEFINITIONS = {
@@ -102,7 +102,7 @@ def margin_trends(
             trained = [i for i, e in enumerate(ep) if e >= 1]
             if not trained:
                 continue
-            kind = entry.setdefault("kind", _kind(records, split, name))
+            kind = entry.setdefault("kind", recorded_kind(records, name, (split,)) or "unknown")
             i0, i1 = trained[0], trained[-1]
             ipk = max(trained, key=lambda i: means[i])
             t: SplitTrends = {
@@ -157,14 +157,6 @@ def _after_interpolation(
 def _train_acc(record: EpochRecord) -> float | None:
     train = record.get("train")
     return train.get("acc") if train is not None else None
-
-
-def _kind(records: Sequence[EpochRecord], split: Split, name: str) -> str:
-    for r in records:
-        m = estimator_margins(r, split, name)
-        if m is not None:
-            return str(m.get("kind", "unknown"))
-    return "unknown"
 
 
 def _share_closer(
