@@ -218,6 +218,35 @@ def probe_run(raw: dict[str, Any], path: Path, mode: str) -> None:
     (path / "summary.json").write_text(json.dumps(summary))
 
 
+class LoadProbe:
+    """A run function that records, when a worker unpickles it (which imports its module: for a real sweep
+    the whole package, seconds), whether that worker was already armed to die with the sweep."""
+
+    armed_at_load: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import ctypes
+
+        deathsig = ctypes.c_int(0)
+        ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(deathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
+        self.armed_at_load = deathsig.value
+
+    def __call__(self, raw: dict[str, Any], path: Path, mode: str) -> None:
+        path.mkdir(parents=True)
+        (path / "summary.json").write_text(json.dumps({"armed_at_load": self.armed_at_load}))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
+def test_workers_load_the_run_function_only_once_they_die_with_the_sweep(tmp_path: Path) -> None:
+    # a sweep stopped while a worker was still importing the run function's module left that worker
+    # behind for as long as the import took (the kernel's parent-death signal was not armed yet)
+    result = run_sweep(BASE, ["seed=0,1"], tmp_path / "sw", jobs=2, run_fn=LoadProbe(), validate=False)
+    assert [rec.summary["armed_at_load"] for rec in result.records] == [signal.SIGKILL] * 2
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
 def test_workers_die_with_the_sweep_and_leave_ctrl_c_to_it(tmp_path: Path) -> None:
     result = run_sweep(BASE, ["seed=0,1"], tmp_path / "sw", jobs=2, run_fn=probe_run, validate=False)

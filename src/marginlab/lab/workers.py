@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import sys
 import time
@@ -106,7 +107,10 @@ class _Worker:
         level = _log_level()
         process = ctx.Process(
             target=_worker_main,
-            args=(writer, os.getpid(), threads, run_fn, job, level),
+            # run_fn goes pickled and is unpickled by the worker only after it is armed to die with this
+            # process: unpickling imports run_fn's module (for a sweep, the whole package with torch:
+            # seconds), and a worker still importing when the sweep is stopped would outlive it.
+            args=(writer, os.getpid(), threads, pickle.dumps(run_fn), job, level),
             name="marginlab-sweep",
         )
         with ctrl_c_held():
@@ -176,11 +180,15 @@ def _setup_worker_logging(level: int | None, path: Path) -> None:
 
 
 def _worker_main(
-    conn: Connection, parent_pid: int, threads: int, run_fn: RunFn, job: Job, level: int | None
+    conn: Connection, parent_pid: int, threads: int, pickled_run_fn: bytes, job: Job, level: int | None
 ) -> None:
-    """The body of a worker process: set the process up, run the job, send back its outcome."""
+    """The body of a worker process: set the process up, run the job, send back its outcome.
+
+    ``pickled_run_fn`` is the :data:`RunFn`, pickled: it is loaded (its module imported) only once this
+    process dies with its parent."""
     die_with_parent(parent_pid)
     ignore_ctrl_c()
+    run_fn: RunFn = pickle.loads(pickled_run_fn)
     _setup_worker_logging(level, Path(job[1]))
     # Workers share the CPU: without this every one of them would start a thread per core.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
