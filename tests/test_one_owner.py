@@ -24,7 +24,6 @@ from marginlab.commands.args import parse_options
 from marginlab.core.norms import Norm
 from marginlab.estimators import bracket as bracket_module
 from marginlab.estimators import build_estimator, estimate_margins, presets
-from marginlab.estimators.best import default_attacks
 from marginlab.lab import names
 from marginlab.lab.margins_table import read_columns, write_table
 from marginlab.lab.readers import read_robustness, read_robustness_extra
@@ -215,7 +214,7 @@ def test_the_three_defaults_come_from_presets(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(presets.PRESETS, Norm.L2, changed)
     assert RobustnessSettings().bound == "deepfool"
     assert RobustnessSettings(norm="Linf").bound == "fmn"
-    assert default_attacks(2.0) == ("deepfool",)
+    assert presets.best_attacks(2.0) == ("deepfool",)
     model, x, y = _tiny()
     alone = build_estimator("deepfool")(model, x, y)
     assert torch.equal(build_estimator("best")(model, x, y), alone)

@@ -27,8 +27,6 @@ from marginlab.estimators.base import (
 )
 from marginlab.estimators.presets import best_attacks
 
-DEFAULT_BEST = best_attacks(Norm.L2)  # the old name of the L2 default (marginlab.estimators.presets)
-
 log = logging.getLogger(__name__)
 
 
@@ -92,14 +90,9 @@ class Best(Estimator):
             raise ConfigError(f"best combines attacks (upper bounds) only; not: {', '.join(bad) or '(none)'}")
 
     def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-        attacks = self.attacks or default_attacks(p)
+        attacks = self.attacks or best_attacks(p)
         values = [build_estimator(a, batch_size=len(x))(model, x, y, p=p) for a in attacks]
         return combine_upper_bounds(values)
-
-
-def default_attacks(p: Norm | float | str) -> tuple[str, ...]:
-    """The attacks ``best`` combines when none are named (see :mod:`marginlab.estimators.presets`)."""
-    return best_attacks(p)
 
 
 def estimate_margins(
@@ -160,7 +153,7 @@ def estimate_margins(
     if "best" in names:
         best_params = dict(params.get("best", {}))
         attacks = (
-            best_params.pop("attacks", None) or [n for n in names if _is_attack(n)] or default_attacks(order)
+            best_params.pop("attacks", None) or [n for n in names if _is_attack(n)] or best_attacks(order)
         )
         best = build_estimator("best", attacks=attacks)  # validates the names
         assert isinstance(best, Best) and best.attacks is not None  # the registry's "best", attacks given

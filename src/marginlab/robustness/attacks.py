@@ -29,7 +29,6 @@ __all__ = ["ATTACKS", "NORMS", "RobustnessSettings", "autoattack", "normalize_no
 
 NORMS = (Norm.L2, Norm.Linf)  # the norms robustness is evaluated in ("L2", "Linf")
 AA_VERSIONS = ("standard", "plus", "custom")
-AUTO_BOUND = {str(n): prepass_bound(n) for n in NORMS}  # old name; the table is estimators.presets
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 
