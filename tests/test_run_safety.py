@@ -66,7 +66,8 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> 
     "sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
 )
 def test_interrupted_compare_keeps_finished_subruns_and_resumes(tmp_path: Path, sig: int, code: int) -> None:
-    preset = write_text(tmp_path / "base.toml", tiny_train_toml(epochs=12, n_train=200))
+    # 40 epochs: the second sub-run is still training when the signal comes, even on a loaded machine
+    preset = write_text(tmp_path / "base.toml", tiny_train_toml(epochs=40, n_train=200))
     cfg = write_text(tmp_path / "cmp.toml", COMPARE.format(preset=preset, extra_base=""))
     out = tmp_path / "cmp"
     proc = _cli("run", str(cfg), "--out", str(out), cwd=tmp_path)

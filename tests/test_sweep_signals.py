@@ -24,8 +24,10 @@ from conftest import tiny_train_toml, without_log_lines
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
-# Long enough (about 5 s of training) that both workers are still training when the sweep is stopped.
-CONFIG = tiny_train_toml(seed=4, n_train=1000, width=24, epochs=40)
+# Long enough (about 15 s of training per run) that both workers are still training when the sweep is
+# stopped, even when one worker starts seconds after the other on a loaded machine (CI once saw a resumed
+# run finish its remaining 4 s of 40 epochs before the other worker had written a checkpoint).
+CONFIG = tiny_train_toml(seed=4, n_train=1000, width=24, epochs=150)
 EXIT_WITHIN_S = 10.0
 START_TIMEOUT_S = 180.0  # two cold interpreters importing torch on a busy 2-core machine
 
