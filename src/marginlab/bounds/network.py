@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from marginlab.base.errors import ConfigError
+from marginlab.bounds.graph import Graph
 from marginlab.bounds.ops import Affine, Conv, Dense, MaxPool, Op, ReLU, Reshape, Scale, Shape
 from marginlab.nets.models import MarginNet
 
@@ -117,3 +118,11 @@ def network_ops(model: nn.Module, in_shape: Sequence[int]) -> list[Op]:
     if not ops or not isinstance(ops[-1], Affine):
         raise ConfigError("bound propagation needs a network ending in a linear layer")
     return ops
+
+
+def network_graph(model: nn.Module, in_shape: Sequence[int]) -> Graph:
+    """The :class:`~marginlab.bounds.graph.Graph` of ``model`` on inputs ``[N, *in_shape]``.
+
+    Today: a MarginNet or (nested) ``nn.Sequential`` as the chain of :func:`network_ops`.
+    """
+    return Graph.from_ops(network_ops(model, in_shape), in_shape)
