@@ -96,7 +96,7 @@ def _cli_margins(tmp_path: Path, *args: str) -> tuple[np.ndarray, dict]:
     ]
     assert main(argv) == 0
     with open(out / "margins.csv") as f:
-        values = np.array([float(r["first-order"]) for r in csv.DictReader(f)])
+        values = np.array([float(r["first-order[rd]"]) for r in csv.DictReader(f)])
     return values, json.loads((out / "summary.json").read_text())
 
 

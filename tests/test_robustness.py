@@ -15,7 +15,7 @@ from marginlab.nets.models import build_model
 from marginlab.plots.robustness import plot_robustness
 from marginlab.robustness import RobustnessResult, robust_accuracy, robustness_curve
 from marginlab.robustness.attacks import RobustnessSettings, _fit_to_problem
-from marginlab.robustness.evaluate import _verify
+from marginlab.robustness.cascade import verify
 
 EPS = [0.05, 0.1, 0.2]
 
@@ -61,7 +61,9 @@ def assert_matches_margins(res: RobustnessResult, margins: torch.Tensor, tol: fl
 def test_pgd_robust_accuracy_equals_exact_linear_margins(norm: str, dual: float, eps: list[float]) -> None:
     model, x, y = linear_problem()
     margins = exact_margins(model, x, y, dual)
-    res = robust_accuracy(model, x, y, eps, norm=norm, attacks=("pgd",), steps=50, step_size=eps[-1] / 10)
+    res = robust_accuracy(
+        model, x, y, eps, norm=norm, attacks=("pgd",), steps=50, step_size=eps[-1] / 10, certify="off"
+    )
     assert res.clean_accuracy == pytest.approx(55 / 60)
     assert_matches_margins(res, margins)
     assert res.warnings == []
@@ -80,6 +82,7 @@ def test_autoattack_custom_equals_exact_linear_margins() -> None:
         aa_version="custom",
         aa_attacks=["apgd-ce"],
         aa_iters=20,
+        certify="off",  # certificates would leave AutoAttack nothing to do on a linear model
     )
     assert_matches_margins(res, exact_margins(model, x, y, 2.0))
 
@@ -88,17 +91,18 @@ def test_default_stages_are_the_ddn_bound_then_autoattack_only() -> None:
     """The defaults chosen with benchmarks/bench_eval_speed.py: DDN pre-pass, then AutoAttack 'standard'
     (PGD only on request); here AutoAttack is cut to APGD-CE for speed, the stages are the defaults'."""
     s = RobustnessSettings()
-    assert (s.bound, s.attacks, s.aa_version) == ("ddn", ("autoattack",), "standard")
+    assert (s.certify, s.bound, s.attacks, s.aa_version) == ("auto", "ddn", ("autoattack",), "standard")
     model, x, y = linear_problem()
     res = robust_accuracy(model, x, y, EPS[1:], aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=20)
     assert res.stages == ["bound", "autoattack"] and res.bound == {"estimator": "ddn", "kind": "upper bound"}
+    assert res.certifier is not None and res.certifier["estimator"] == "crown" and res.certified is not None
     assert_matches_margins(res, exact_margins(model, x, y, 2.0))
 
 
 def test_margin_bounds_skip_points_and_cap_accuracy() -> None:
     model, x, y = linear_problem()
     margins = exact_margins(model, x, y, 2.0)
-    kw = {"attacks": ("pgd",), "steps": 50, "step_size": 0.01}
+    kw = {"attacks": ("pgd",), "steps": 50, "step_size": 0.01, "certify": "off"}
     full = robust_accuracy(model, x, y, EPS, bound=None, **kw)
     cheap = robust_accuracy(model, x, y, EPS, margin_upper=margins, **kw)
     assert cheap.stages == ["bound", "pgd"]
@@ -119,7 +123,7 @@ def test_disagreement_check_fires_when_pgd_is_weak() -> None:
     model, x, y = linear_problem()
     res = robust_accuracy(
         model, x, y, [0.2], attacks=("pgd", "autoattack"), steps=1, step_size=1e-4, random_start=False,
-        aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=20, bound=None,
+        aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=20, bound=None, certify="off",
     )  # fmt: skip
     assert res.accuracy["pgd"][0] > res.accuracy["autoattack"][0] + 0.02
     assert any(w.startswith("autoattack broke") and "pgd alone overstates" in w for w in res.warnings)
@@ -140,12 +144,12 @@ def test_proposals_outside_the_ball_or_box_or_still_correct_are_rejected() -> No
     s = RobustnessSettings(norm="L2")
     xi, yi = x[i : i + 1], y[i : i + 1]
     r = margins[i].item()
-    assert _verify(model, xi, (xi + 1.01 * r * step).clamp(0, 1), yi, 1.02 * r, s).item()
-    assert not _verify(model, xi, xi + 1.01 * r * step, yi, r, s).item()  # just outside the ball
-    assert not _verify(model, xi, xi + 0.99 * r * step, yi, r, s).item()  # inside, still correct
-    assert not _verify(
-        model, xi, xi + 1.01 * r * step + 2.0 * (step > 0), yi, 100.0, s
-    ).item()  # leaves [0, 1]
+    ok, size = verify(model, xi, (xi + 1.01 * r * step).clamp(0, 1), yi, 1.02 * r, s)
+    assert ok.item() and size.item() == pytest.approx(1.01 * r, rel=1e-5)
+    assert not verify(model, xi, xi + 1.01 * r * step, yi, r, s)[0].item()  # just outside the ball
+    assert not verify(model, xi, xi + 0.99 * r * step, yi, r, s)[0].item()  # inside, still correct
+    outside_box = xi + 1.01 * r * step + 2.0 * (step > 0)
+    assert not verify(model, xi, outside_box, yi, 100.0, s)[0].item()  # leaves [0, 1]
 
 
 class Dropper(nn.Module):
@@ -160,10 +164,10 @@ class Dropper(nn.Module):
 def test_train_mode_is_flagged_evaluated_in_eval_and_restored() -> None:
     model, x, y = linear_problem(n=20)
     wrapped = Dropper(model).train()
-    res = robust_accuracy(wrapped, x, y, [0.1], attacks=("pgd",), steps=20)
+    res = robust_accuracy(wrapped, x, y, [0.1], attacks=("pgd",), steps=20, certify="off")
     assert wrapped.training
     assert any("train mode" in w for w in res.warnings)
-    ref = robust_accuracy(model, x, y, [0.1], attacks=("pgd",), steps=20)
+    ref = robust_accuracy(model, x, y, [0.1], attacks=("pgd",), steps=20, certify="off")
     assert res.worst_case == ref.worst_case  # dropout was off during the evaluation
 
 
@@ -257,7 +261,9 @@ def test_result_json_roundtrip_and_plot() -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     assert buf.getvalue()[:4] == b"\x89PNG"
-    assert len(fig.axes[0].lines) == 4  # curve, bound points, pgd points, worst case
+    # curve, certified curve, certified points, bound points, pgd points, worst case; the band shaded
+    assert len(fig.axes[0].lines) == 6 and len(fig.axes[0].collections) == 1
+    assert "certified" in plot_robustness(res.margin_upper(), res).axes[0].get_ylabel()
 
 
 @pytest.mark.parametrize(
@@ -280,7 +286,7 @@ def test_invalid_arguments_are_config_errors(kwargs: dict, match: str) -> None:
 
 def test_standard_autoattack_on_twenty_points() -> None:
     model, x, y = linear_problem(n=20, k=4, seed=3)
-    res = robust_accuracy(model, x, y, [0.1], attacks=("autoattack",), batch_size=20)
+    res = robust_accuracy(model, x, y, [0.1], attacks=("autoattack",), batch_size=20, certify="off")
     assert_matches_margins(res, exact_margins(model, x, y, 2.0))
     assert res.settings["aa_version"] == "standard"
 
@@ -297,7 +303,7 @@ def test_cnn_runs_both_attacks_in_linf_and_results_are_monotone() -> None:
     res = robust_accuracy(
         model, x, y, [0.01, 0.05, 0.3], norm="linf", attacks=("pgd", "autoattack"), steps=10, step_size=0.01,
         aa_version="custom",
-        aa_attacks=["apgd-ce", "apgd-t"], aa_iters=10,
+        aa_attacks=["apgd-ce", "apgd-t"], aa_iters=10, certify="off",
     )  # fmt: skip
     assert res.norm == "Linf" and res.clean_accuracy == 1.0
     pgd, worst = res.accuracy["pgd"], res.worst_case

@@ -131,5 +131,3 @@ def as_graph(network: Graph | Sequence[Op], in_shape: Sequence[int] | None = Non
         return network
     ops = list(network)
     return Graph.from_ops(ops, in_shape if in_shape is not None else ops[0].in_shape)
-
-

@@ -33,6 +33,13 @@ from torch.nn.grad import conv2d_input
 Shape = tuple[int, ...]
 
 
+def _pair(v: int | tuple[int, ...] | str) -> tuple[int, int]:
+    """``3`` -> ``(3, 3)``; ``(1, 2)`` stays."""
+    if isinstance(v, str):
+        raise ValueError(f"not a number or pair: {v!r}")
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 class Op(ABC):
     """One layer acting on ``[N, *in_shape]``; ``backward`` pulls a lower-bound row ``A`` through it."""
 
@@ -131,6 +138,14 @@ class Conv(Affine):
     ) -> None:
         self.w, self.in_shape = weight.detach().cpu().double(), in_shape
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        # as pairs, and the zero padding before the first row / column ("same": PyTorch pads the
+        # smaller half there), for the windows of bounds/windows.py
+        self.stride2, self.dilation2 = _pair(stride), _pair(dilation)
+        kernel = (int(self.w.shape[2]), int(self.w.shape[3]))
+        if padding == "same":
+            self.pad2 = tuple((d * (k - 1)) // 2 for d, k in zip(self.dilation2, kernel, strict=True))
+        else:
+            self.pad2 = (0, 0) if padding == "valid" else _pair(padding)
         self.out_shape = tuple(self.lin(torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:])
         b = bias.detach().cpu().double() if bias is not None else torch.zeros(len(self.w)).double()
         self.bias = b[:, None, None].expand(self.out_shape).contiguous()
@@ -213,16 +228,23 @@ class ReLU(Op):
         """``(relu(lo), relu(hi))``, each ``[N,*shape]``."""
         return lo.clamp(min=0), hi.clamp(min=0)
 
+    @staticmethod
+    def relax(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(s, c, b)``, each shaped like ``lo``: ``s z <= relu(z) <= c z + b`` on ``[lo, hi]`` (lower
+        slope ``s`` of the adaptive CROWN choice, the chord ``c z + b``; exact where stable)."""
+        unstable = (lo < 0) & (hi > 0)
+        active = (lo >= 0).to(lo.dtype)
+        chord = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), active)
+        low_slope = torch.where(unstable, (hi > -lo).to(lo.dtype), active)
+        return low_slope, chord, torch.where(unstable, -chord * lo, torch.zeros_like(lo))
+
     def backward(self, a: Tensor, bounds: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """``A [B,S,*shape]`` -> ``(A' [B,S,*shape], d [B,S])`` given the pre-activation bounds
         ``(l, u)`` ``[B,*shape]``: lower slope ``s`` for ``A > 0``, chord for ``A < 0``."""
         assert bounds is not None
-        lo, hi = (t[:, None] for t in bounds)  # [B,1,*shape]
-        unstable = (lo < 0) & (hi > 0)
-        chord = torch.where(unstable, hi / (hi - lo).clamp_min(1e-300), (lo >= 0).double())
-        low_slope = torch.where(unstable, (hi > -lo).double(), (lo >= 0).double())
+        low_slope, chord, intercept = (t[:, None] for t in self.relax(*bounds))  # [B,1,*shape]
         neg = a.clamp(max=0)
-        d = (neg * torch.where(unstable, -chord * lo, torch.zeros_like(lo))).flatten(2).sum(2)
+        d = (neg * intercept).flatten(2).sum(2)
         return a.clamp(min=0) * low_slope + neg * chord, d
 
 
@@ -243,20 +265,27 @@ class MaxPool(Op):
         windows = self.out_shape[1] * self.out_shape[2]
         return F.unfold(t, self.kernel, stride=self.stride).reshape(len(t), self.in_shape[0], -1, windows)
 
+    def relax(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(star, dominated, top)``, each ``[B,*out]``, for input bounds ``lo, hi [B,*in]``: the
+        window entry ``star`` (0 .. kh*kw-1) of largest lower bound, so ``max >= z_star``; whether it is
+        the maximum for sure (``max = z_star``); ``top``, the largest upper bound (``max <= top``)."""
+        lw, uw = self.windows(lo), self.windows(hi)  # [B,C,kk,L]
+        low_max, star = lw.max(dim=2)  # [B,C,L]
+        others = uw.scatter(2, star[:, :, None], -math.inf).amax(dim=2)
+        out = (len(lo), *self.out_shape)
+        return star.reshape(out), (low_max >= others).reshape(out), uw.amax(dim=2).reshape(out)
+
     def backward(self, a: Tensor, bounds: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """``A [B,S,*out]`` -> ``(A' [B,S,*in], d [B,S])`` given the input bounds ``(l, u)`` ``[B,*in]``."""
         assert bounds is not None
-        lw, uw = self.windows(bounds[0]), self.windows(bounds[1])  # [B,C,kk,L]
-        kk = lw.shape[2]
-        low_max, star = lw.max(dim=2)  # [B,C,L]
+        star, dominated, top = (t.flatten(2) for t in self.relax(*bounds))  # [B,C,L]
+        kk = self.kernel[0] * self.kernel[1]
         onehot = F.one_hot(star, kk).permute(0, 1, 3, 2).double()  # [B,C,kk,L]
-        others = uw.masked_fill(onehot.bool(), -math.inf).amax(dim=2)
-        dominated = low_max >= others  # the max is that input, exactly
         b, s = a.shape[:2]
-        a = a.reshape(b, s, *lw.shape[1:2], -1)  # [B,S,C,L]
+        a = a.reshape(b, s, *star.shape[1:])  # [B,S,C,L]
         neg = a.clamp(max=0)
         coef = a.clamp(min=0) + torch.where(dominated[:, None], neg, torch.zeros_like(neg))
-        d = torch.where(dominated[:, None], torch.zeros_like(neg), neg * uw.amax(dim=2)[:, None]).sum((2, 3))
-        cols = (coef[:, :, :, None, :] * onehot[:, None]).reshape(b * s, -1, lw.shape[-1])
+        d = torch.where(dominated[:, None], torch.zeros_like(neg), neg * top[:, None]).sum((2, 3))
+        cols = (coef[:, :, :, None, :] * onehot[:, None]).reshape(b * s, -1, star.shape[-1])
         back = F.fold(cols, self.in_shape[1:], self.kernel, stride=self.stride)
         return back.reshape(b, s, *self.in_shape), d

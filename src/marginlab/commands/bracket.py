@@ -1,5 +1,9 @@
 """``marginlab margins --estimators bracket[,mip]``: per point [certified lower, attack upper] (and the exact
-margin), written as a table, a summary and a figure (:mod:`marginlab.estimators.bracket` computes)."""
+margin), written as a table, a summary and a figure (:mod:`marginlab.estimators.bracket` computes).
+
+The table's columns: ``index``, ``label``, ``prediction``, ``crown[<domain>]``, ``best[<domain>]``, ``ratio``
+and, with ``mip``, ``mip[<domain>]``, ``mip.status``, ``mip.lower`` (:mod:`marginlab.lab.margins_table`).
+The domain is ``bracket.domain`` if given, else ``--domain``, else ``box``."""
 
 from __future__ import annotations
 
@@ -14,13 +18,14 @@ from marginlab.commands.args import load_from_args, parse_options
 from marginlab.core.norms import Norm
 from marginlab.core.predict import predict_labels
 from marginlab.estimators.bracket import PARAMS, compute_bracket, summary
-from marginlab.lab.margins_table import table_path, write_table
+from marginlab.lab.margins_table import extra_column, margin_column, table_path, write_table
 from marginlab.lab.names import BRACKET_FIGURE, MARGINS_SUMMARY
 from marginlab.plots.bracket import plot_bracket
 
 
-def _params(items: list[str]) -> dict[str, Any]:
-    """``--param bracket.KEY=VALUE`` items -> keyword arguments of :func:`compute_bracket`, checked."""
+def _params(items: list[str], domain: str | None = None) -> dict[str, Any]:
+    """``--param bracket.KEY=VALUE`` items -> keyword arguments of :func:`compute_bracket`, checked;
+    ``domain`` (``--domain``) unless ``bracket.domain`` is given, ``box`` when neither is."""
     out: dict[str, Any] = {}
     for key, value in parse_options(items).items():
         est, _, name = key.partition(".")
@@ -32,7 +37,7 @@ def _params(items: list[str]) -> dict[str, Any]:
     if "attacks" in out:
         a = out["attacks"]
         out["attacks"] = tuple(a.split(",")) if isinstance(a, str) else tuple(a)
-    out["domain"] = parse_domain(out.get("domain", "box"))
+    out["domain"] = parse_domain(out.get("domain", domain or "box"))
     for name, kind in (("time_limit", float), ("rtol", float), ("crown_budget", int)):
         if name in out:
             value = out[name]
@@ -47,7 +52,7 @@ def bracket_main(args: argparse.Namespace, names: list[str], out: Path, norm: No
     extra = sorted(set(names) - {"bracket", "mip", "crown", "best"})  # crown and best are its two ends
     if extra:
         raise ConfigError(f"--estimators bracket combines with crown, best and mip only, not {extra[0]!r}")
-    params = _params(args.param)
+    params = _params(args.param, getattr(args, "domain", None))
     p = norm.p
     loaded = load_from_args(args)
     model, data, index = loaded[0], loaded[1], loaded[2]
@@ -57,10 +62,14 @@ def bracket_main(args: argparse.Namespace, names: list[str], out: Path, norm: No
     )
     pred = predict_labels(model, data.x, args.batch_size)
     columns: dict[str, list[Any]] = {"index": index.tolist(), "label": data.y.tolist()}
-    columns |= {"prediction": pred.tolist(), "crown": b.lower.tolist(), "best": b.upper.tolist()}
+    columns["prediction"] = pred.tolist()
+    columns[margin_column("crown", domain)] = b.lower.tolist()
+    columns[margin_column("best", domain)] = b.upper.tolist()
     columns["ratio"] = b.ratio.tolist()
     if "mip" in names:
-        columns |= {"mip": b.exact.tolist(), "mip_status": b.status, "mip_lower": b.exact_lower.tolist()}
+        columns[margin_column("mip", domain)] = b.exact.tolist()
+        columns[extra_column("mip", "status")] = list(b.status)
+        columns[extra_column("mip", "lower")] = b.exact_lower.tolist()
     table = table_path(out, args.format)
     write_table(table, columns)
     figure = out / BRACKET_FIGURE

@@ -6,13 +6,17 @@ writes ``rob/robustness.json`` and ``rob/robustness.png`` (atomically, and only 
 computed, so a bad input or a crash leaves nothing behind). The evaluation is
 :func:`marginlab.robustness.robust_accuracy`, with the same defaults as from Python::
 
-    robust_accuracy(model, x, y, [0.5, 1.0])      # DDN bound pre-pass, then AutoAttack on survivors
+    robust_accuracy(model, x, y, [0.5, 1.0])  # certificates, DDN bound pre-pass, AutoAttack on the rest
+
+It prints per eps the band: certified accuracy (CROWN certificates; ``--certify off`` for none) <= robust
+accuracy (what survived the attacks) <= clean accuracy, and how many points were decided how.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from marginlab.base.config import parse_key_values
 from marginlab.commands.args import (
     add_model_arguments,
     add_points_arguments,
@@ -25,7 +29,7 @@ from marginlab.commands.args import (
 from marginlab.lab.names import ROBUSTNESS, ROBUSTNESS_FIGURE, WEIGHTS
 from marginlab.plots.common import save
 from marginlab.plots.robustness import plot_robustness
-from marginlab.robustness import ATTACKS, RobustnessSettings, robust_accuracy
+from marginlab.robustness import ATTACKS, RobustnessResult, RobustnessSettings, robust_accuracy
 from marginlab.robustness.attacks import parse_eps
 
 EXAMPLE = f"marginlab robustness --model mnist-cnn --weights {WEIGHTS} --data mnist --eps 1,2 --out rob/"
@@ -36,10 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = RobustnessSettings()
     p = sub.add_parser(
         "robustness",
-        help="robust accuracy of a trained model (min-norm bound, PGD, AutoAttack)",
-        description="Robust accuracy at each radius: a minimum-norm bound pre-pass, then the fixed-eps "
-        "attacks, each on the points still robust; reports the worst case and sanity-check warnings. "
-        f"Example: {EXAMPLE}",
+        help="certified and robust accuracy of a trained model (CROWN, min-norm bound, PGD, AutoAttack)",
+        description="Certified and robust accuracy at each radius: certificates (CROWN) set aside the "
+        "points robust for sure, a minimum-norm bound pre-pass breaks others, then the fixed-eps attacks "
+        "run on the points still undecided; reports the band certified <= robust <= clean and "
+        f"sanity-check warnings. Example: {EXAMPLE}",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(p)
@@ -54,6 +59,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",  # not d.bound: the settings resolve "auto" for their own (L2) norm
         help="min-norm attack for the bound pre-pass ('auto': the norm's default, DDN for L2, FMN for Linf), "
         "or 'none'",
+    )
+    p.add_argument(
+        "--certify",
+        default=d.certify,
+        help="certified lower bound of the certificate pre-pass: 'auto' (CROWN where bound propagation "
+        "supports the model's layers, else none), 'off', or an estimator (crown, lipschitz)",
+    )
+    p.add_argument(
+        "--certify-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="certifier parameter, e.g. --certify-param alpha_steps=20 or domain=rd (default domain: box, "
+        "where the attacks search; an R^d certificate is sound too, and looser) (repeatable)",
     )
     p.add_argument("--steps", type=int_arg, default=d.steps, help="PGD steps (the reference: 1000)")
     p.add_argument("--step-size", type=float, default=d.step_size, help="PGD step size")
@@ -73,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
         norm=args.norm,
         attacks=tuple(parse_names(args.attacks, "attack")),
         bound=args.bound,
+        certify=args.certify,
+        certify_params=parse_key_values(args.certify_param, "certify parameter", "KEY=VALUE"),
         steps=args.steps,
         step_size=args.step_size,
         seed=args.seed,
@@ -90,14 +111,34 @@ def main(args: argparse.Namespace) -> int:
     save(plot_robustness(result.margin_upper(), result, title=title), out / ROBUSTNESS_FIGURE)
     result.save(out / ROBUSTNESS, model=args.model, weights=args.weights, loaded_model=loaded,
                 data=args.data, split=args.split)  # fmt: skip
-    print(f"clean accuracy {result.clean_accuracy:.1%} on {result.n} points")
-    for j, e in enumerate(result.eps):
-        stages = ", ".join(f"after {s} {_pct(result.accuracy[s][j])}" for s in result.stages)
-        print(f"eps={e:g}: {stages}; worst case {_pct(result.worst_case[j])}")
+    for line in band_lines(result):
+        print(line)
+    for note in result.notes:
+        print(f"note: {note}")
     for w in result.warnings:
         print(f"warning: {w}")
     print(f"wrote {out / ROBUSTNESS} and {out / ROBUSTNESS_FIGURE}")
     return 0
+
+
+def band_lines(result: RobustnessResult) -> list[str]:
+    """The console lines of a result: clean accuracy and the certifier, then per eps the band (certified
+    <= robust <= clean), the accuracy after each stage and how the points were decided."""
+    cert = result.certifier
+    by = f"; certificates by {cert['estimator']} ({cert.get('domain') or 'any'} domain)" if cert else ""
+    lines = [f"clean accuracy {result.clean_accuracy:.1%} on {result.n} points{by}"]
+    for j, e in enumerate(result.eps):
+        low = "" if result.certified is None else f"certified {_pct(result.certified[j])} <= "
+        stages = ", ".join(f"after {s} {_pct(result.accuracy[s][j])}" for s in result.stages)
+        how = ""
+        if result.decided is not None:
+            shown = {k: v for k, v in result.decided.items() if k != "certified" or result.certified}
+            how = "; decided: " + ", ".join(f"{v[j]} {k}" for k, v in shown.items())
+        lines.append(
+            f"eps={e:g}: {low}robust {_pct(result.worst_case[j])} <= clean {_pct(result.clean_accuracy)} "
+            f"({stages}){how}"
+        )
+    return lines
 
 
 def _pct(v: float | None) -> str:

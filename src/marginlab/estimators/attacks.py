@@ -10,7 +10,9 @@ the model on the returned point, so it can only overstate the distance to the bo
   a batch; FAB, which calls the model on subsets of its batch, gets one call per label). The value
   is minus that norm.
 - Points where the attack fails: ``+inf`` (``-inf`` for misclassified points).
-Inputs must lie in [0, 1]; the attacks keep their points in [0, 1].
+Inputs must lie in [0, 1]; the attacks keep their points in [0, 1], so the distance found is an upper
+bound of the margin over the box and, the box margin being the larger, of the margin over R^d: both
+domains (``domain`` only labels the result).
 """
 
 import math
@@ -53,6 +55,8 @@ class MinNormAttack(Estimator):
 
     kind = MarginKind.UPPER
     needs = frozenset({"grad"})
+    # the point found lies in the box: its distance bounds the box margin, hence the R^d margin too
+    domains = frozenset({"box", "rd"})
     calls_on_subsets: ClassVar[bool] = False  # True: the attack may call the model on part of a batch
     batch_size: int = 128
 

@@ -6,8 +6,29 @@ of the region where ``y`` wins. The sign is exact (it comes from the prediction)
 estimator says how its magnitude relates to ``d``: an ``upper bound`` estimator never returns a
 magnitude below ``d``, a ``lower bound`` one never above ``d``. So for correctly classified points
 a lower bound <= the margin <= an upper bound, and for misclassified ones the order flips.
+
+Domains: a margin is a distance within a domain, the image box [0,1]^d (``"box"``) or all of R^d
+(``"rd"``); :func:`marginlab.bounds.domain.parse_domain` reads the spellings. The box forbids some
+directions, so the box margin is never below the R^d margin. Each estimator has a ``domain`` setting and
+a class attribute ``domains``, the domains whose margin its kind describes (the soundness rules):
+
+- a lower bound of the R^d margin is one of the box margin too (``lipschitz``: both);
+- an attack searches inside the box, so its distance is an upper bound of both margins (the attacks and
+  ``best``: both);
+- ``exact-linear``, ``crown`` and ``mip`` compute in the domain asked for (both);
+- ``first-order`` and ``sampling`` estimate the R^d margin (``{"rd"}``).
+
+An estimator asked for a domain it does not honour: an ``estimate`` still is one, so it runs, says so in
+one warning line and its result states the domain it does estimate (:meth:`Estimator.result_domain`);
+an exact value or a bound would be wrong, so that is a one-line ConfigError when the estimator is built.
+
+Per-point extras: after a call, :meth:`Estimator.point_columns` (small per-point columns, e.g. a solver's
+status), :meth:`Estimator.point_arrays` (large per-point arrays, e.g. perturbations) and
+:meth:`Estimator.result_kind` (the kind the call achieved, e.g. ``upper bound`` for an exact method that
+hit its time limit) describe the result beyond its values; ``estimate_margins`` keeps them in the result.
 """
 
+import logging
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -17,13 +38,17 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, ClassVar, final
 
+import numpy as np
 import torch
 from torch import nn
 
 from marginlab.base.config import check_count, from_dict
 from marginlab.base.errors import ConfigError
 from marginlab.base.registry import Registry
+from marginlab.bounds.domain import DOMAINS, parse_domain
 from marginlab.core.norms import Norm
+
+log = logging.getLogger(__name__)
 
 
 class MarginKind(StrEnum):
@@ -95,23 +120,57 @@ def model_device(model: nn.Module) -> torch.device:
 
 @dataclass(kw_only=True)
 class Estimator(ABC):
-    """Base class. Subclasses set ``kind``, ``needs``, ``norms`` and fill :meth:`_estimate`.
+    """Base class. Subclasses set ``kind``, ``needs``, ``norms``, ``domains`` and fill :meth:`_estimate`.
 
     ``needs`` names what the estimator requires of the model beyond ``[N,C,H,W] -> logits [N,K]``:
     ``"grad"`` (differentiable in x), ``"linear"`` (a linear model), ``"layers"`` (a MarginNet or
     ``nn.Sequential`` of supported layers). ``batch_size`` points go through :meth:`_estimate` at once.
+    ``domain``: the domain asked for (``"box"`` or ``"rd"``); ``domains``: those the estimator's kind
+    holds in (module docstring). Estimators with per-point extras override :meth:`point_columns`,
+    :meth:`point_arrays` and :meth:`result_kind`.
     """
 
     name: ClassVar[str] = "?"
     kind: ClassVar[MarginKind]
     needs: ClassVar[frozenset[str]] = frozenset()
     norms: ClassVar[frozenset[float]] = frozenset({2.0, math.inf})
+    domains: ClassVar[frozenset[str]] = frozenset(DOMAINS)
 
     batch_size: int = 256
+    domain: str = "box"
 
     def __post_init__(self) -> None:
         """Range checks (types are checked by :func:`build_estimator`); subclasses extend it."""
         check_count(self.param_name("batch_size"), self.batch_size)
+        try:
+            self.domain = parse_domain(self.domain)
+        except ConfigError as e:
+            raise ConfigError(f"{self.param_name('domain')}: {e}") from None
+        if self.domain not in self.domains and self.kind is not MarginKind.ESTIMATE:
+            raise ConfigError(
+                f"{self.name} gives a {self.kind} of the margin over {_words(self.domains)} only, "
+                f"not over {_words({self.domain})}; set {self.param_name('domain')}="
+                f"{' or '.join(sorted(self.domains))}"
+            )
+
+    def result_domain(self) -> str:
+        """The domain the results are margins in: ``domain`` when honoured, else the one it estimates."""
+        return self.domain if self.domain in self.domains else min(self.domains)
+
+    def result_kind(self) -> MarginKind:
+        """The kind the last call achieved (default: the class's ``kind``; an exact method that ran out of
+        time on some point may return ``MarginKind.UPPER``)."""
+        return self.kind
+
+    def point_columns(self) -> dict[str, list[object]]:
+        """Extra per-point columns of the last call, ``{column: [N] values}`` (default none): small values
+        (numbers, short strings) that ``marginlab margins`` writes as ``<estimator>.<column>``."""
+        return {}
+
+    def point_arrays(self) -> dict[str, np.ndarray]:
+        """Large per-point arrays of the last call, ``{name: array [N, ...]}`` (default none), saved only
+        on request (``marginlab margins --save-arrays``), never in ``summary.json``."""
+        return {}
 
     def param_name(self, field: str) -> str:
         """``"ddn.steps"``: how a parameter is named in ``--param`` and in error messages."""
@@ -130,6 +189,11 @@ class Estimator(ABC):
         if p not in self.norms:
             raise ConfigError(f"{self.name} does not support p={p}; supported: {sorted(self.norms)}")
         _check_inputs(x, y)
+        if self.domain not in self.domains:
+            log.warning(
+                "%s estimates the margin over %s, not over %s; its result is marked %s",
+                self.name, _words(self.domains), _words({self.domain}), self.result_domain(),
+            )  # fmt: skip
         if len(x) == 0:
             return torch.empty(0, dtype=torch.float64)
         device = model_device(model)
@@ -149,6 +213,12 @@ class Estimator(ABC):
     @abstractmethod
     def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
         """Signed margins ``[n]`` of one batch ``x [n,C,H,W]``, ``y [n]`` (model in eval mode)."""
+
+
+def _words(domains: frozenset[str] | set[str]) -> str:
+    """How messages name domains: ``{"box"}`` -> ``"the box [0,1]^d"``, ``{"rd"}`` -> ``"R^d"``."""
+    words = {"box": "the box [0,1]^d", "rd": "R^d"}
+    return " and ".join(words[d] for d in sorted(domains, reverse=True))
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:

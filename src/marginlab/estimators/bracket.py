@@ -6,7 +6,8 @@ and, where requested and solved, the exact margin (``mip``), all in one domain. 
     marginlab margins ... --estimators bracket,mip --param bracket.time_limit=30 --out b/
 
 writes into ``b/``: ``margins.csv`` (index, label, prediction, crown, best, ratio, and with ``mip`` the
-exact margin, its status and SCIP's lower end), ``summary.json`` (median and 90th-percentile ``ratio``,
+exact margin, its status and the certified lower end of its search), ``summary.json`` (median and
+90th-percentile ``ratio``,
 times) and the figure ``bracket.png``. ``ratio = |best| / |crown| >= 1`` measures how well the margin
 is known: the true margin lies within that factor of either end. Points whose lower bound is 0 (or
 whose attack failed) have an infinite ratio; they are counted, and the quantiles are taken over every point.
@@ -35,7 +36,8 @@ PARAMS = ("domain", "attacks", "time_limit", "rtol", "crown_budget")
 @dataclass
 class Bracket:
     """Per point ``[N]`` (float64): signed ``lower`` (crown), ``upper`` (best), ``exact`` (NaN where not
-    asked or not solved), ``exact_lower`` (the mip's own lower end) and ``status`` (mip's, or "")."""
+    asked or not solved), ``exact_lower`` (the mip's own certified lower end, signed) and ``status``
+    (mip's: ``exact``, ``time limit`` or ``unsolved``; "" without mip)."""
 
     lower: torch.Tensor
     upper: torch.Tensor
@@ -86,13 +88,13 @@ def compute_bracket(
         return Bracket(lower, upper, nan, ["" for _ in range(len(x))], nan.clone(), seconds)
     t0 = time.perf_counter()
     mip = build_estimator("mip", domain=domain, time_limit=time_limit, batch_size=batch_size)
-    assert isinstance(mip, Mip)  # the registry's "mip": its last_details hold each point's status
+    assert isinstance(mip, Mip)  # the registry's "mip": its point columns hold each point's status
     values = mip(model, x, y, p=p)
     seconds["mip"] = time.perf_counter() - t0
-    status = [r.status for r in mip.last_details]
+    columns = mip.point_columns()
+    status = [str(s) for s in columns["status"]]
     solved = torch.tensor([s == "exact" for s in status])
-    sign = torch.sign(values)
-    lows = torch.tensor([r.lower for r in mip.last_details], dtype=torch.float64) * sign
+    lows = torch.tensor(columns["lower"], dtype=torch.float64)  # signed like the margins
     return Bracket(lower, upper, torch.where(solved, values, nan), status, lows, seconds)
 
 

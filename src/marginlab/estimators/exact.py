@@ -1,9 +1,11 @@
-"""``exact-linear``: the closed-form margin of a multiclass linear model.
+"""``exact-linear``: the closed-form margin of a multiclass linear model, over R^d or over the box.
 
-``m = min_{k!=y} ((w_y - w_k)·x + b_y - b_k) / ||w_y - w_k||_q`` (``marginlab.core.linear``). Exact for
-every correctly classified point; for a misclassified one it is the signed value of the same
-formula (exact for two classes; with more classes its magnitude is a lower bound of the distance
-to the region of ``y``, which is a polytope).
+Domain ``rd`` (the default, as before domains existed): ``m = min_{k!=y} ((w_y - w_k)·x + b_y - b_k) /
+||w_y - w_k||_q`` (``marginlab.core.linear``). Domain ``box``: the exact distance within [0,1]^d, by the
+closed forms of :mod:`marginlab.core.linear_box` (a sort per point and class; ``+inf`` where no image of
+the box changes the prediction). In both domains: exact for every correctly classified point; for a
+misclassified one the signed value of the same formula (exact for two classes; with more classes its
+magnitude is a lower bound of the distance to the region of ``y``, which is a polytope).
 """
 
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from torch import nn
 
 from marginlab.base.errors import ConfigError
 from marginlab.core.linear import linear_margins
+from marginlab.core.linear_box import linear_margins_box
 from marginlab.estimators.base import Estimator, MarginKind, register
 from marginlab.nets.models import MarginNet  # local import: models does not depend on estimators
 
@@ -47,10 +50,12 @@ def linear_parameters(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | N
 @register("exact-linear")
 @dataclass(kw_only=True)
 class ExactLinear(Estimator):
-    """Closed-form margins of a linear model (``ConfigError`` for any other model)."""
+    """Closed-form margins of a linear model (``ConfigError`` for any other model); ``domain``: ``"rd"``
+    (default) or ``"box"``."""
 
     kind = MarginKind.EXACT
     needs = frozenset({"linear"})
+    domain: str = "rd"
 
     def _prepare(self, model: nn.Module, x1: torch.Tensor, p: float) -> None:
         if linear_parameters(model) is None:
@@ -63,4 +68,6 @@ class ExactLinear(Estimator):
         params = linear_parameters(model)
         assert params is not None  # checked in _prepare
         weight, bias = params
+        if self.domain == "box":
+            return linear_margins_box(weight, bias, x.flatten(1), y, p=p, signed=True)
         return linear_margins(weight, bias, x.flatten(1), y, p=p, signed=True)

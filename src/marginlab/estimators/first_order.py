@@ -1,7 +1,8 @@
 """First-order (linearised) margin: ``min_{k!=y} (f_y - f_k)(x) / ||grad_x (f_y - f_k)(x)||_q``.
 
-Exact for linear models; for deep nets an estimate of the distance to the boundary along the local
-linearisation (neither a lower nor an upper bound).
+Exact for linear models (the R^d margin); for deep nets an estimate of the distance to the boundary
+along the local linearisation (neither a lower nor an upper bound). Its domain is R^d (``rd``): asked
+for the box, it says so in one line and its result stays marked ``rd``.
 """
 
 import math
@@ -57,6 +58,8 @@ class FirstOrder(Estimator):
 
     kind = MarginKind.ESTIMATE
     needs = frozenset({"grad"})
+    domains = frozenset({"rd"})  # the linearisation ignores the box: an estimate of the R^d margin
+    domain: str = "rd"
 
     def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
         gaps, norms = gap_gradient_norms(model, x, y, Norm.parse(p).q)

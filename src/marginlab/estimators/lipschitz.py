@@ -123,6 +123,8 @@ class Lipschitz(Estimator):
 
     kind = MarginKind.LOWER
     needs = frozenset({"layers"})
+    # a lower bound of the R^d margin bounds the (larger) box margin too: both domains
+    domains = frozenset({"box", "rd"})
 
     def _prepare(self, model: nn.Module, x1: torch.Tensor, p: float) -> None:
         layers, head = split_layers(model)

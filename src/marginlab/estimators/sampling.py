@@ -12,7 +12,8 @@ Differences from the reference (watml/rob-margin, ``estimateLipschitzBound.py``)
 - The same samples serve all classes (the reference draws fresh ones per class): one forward
   pass and K backward passes instead of K-1 of each; the estimate has the same distribution.
 - Several points are sampled at once (``points_per_pass``), each with its own ``n_samples``.
-- Samples are not clipped to [0, 1], as in the reference.
+- Samples are not clipped to [0, 1], as in the reference: the estimate is of the R^d margin (domain
+  ``rd``; asked for the box, it says so in one line and its result stays marked ``rd``).
 """
 
 import math
@@ -53,6 +54,8 @@ class Sampling(Estimator):
 
     kind = MarginKind.ESTIMATE
     needs = frozenset({"grad"})
+    domains = frozenset({"rd"})  # samples are not clipped to the box: an estimate of the R^d margin
+    domain: str = "rd"
 
     radius: float = 5.0
     n_batches: int = 50

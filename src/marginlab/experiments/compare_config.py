@@ -87,7 +87,8 @@ class RobustnessConfig:
     (cheaper) or at every radius; PGD's step as ``step_size_rel`` times the reference eps, when set.
     Every other key is a field of :class:`marginlab.robustness.RobustnessSettings` (``norm``,
     ``attacks``, ``bound`` — ``"none"`` for none —, ``bound_params``, ``steps``, ``step_size``,
-    ``aa_version``, ``aa_attacks``, ``aa_iters``, ``batch_size``, ``tol``); left out, it takes that
+    ``aa_version``, ``aa_attacks``, ``aa_iters``, ``batch_size``, ``tol``, ``certify`` — ``"off"`` for no
+    certificates —, ``certify_params``); left out, it takes that
     class's default (docs/reference-settings.md), the same as ``marginlab robustness`` and the Python API.
     Each sub-run's ``robustness.json`` records the settings used."""
 
@@ -107,6 +108,8 @@ class RobustnessConfig:
     aa_iters: int | None = None
     batch_size: int | None = None
     tol: float | None = None
+    certify: str | None = None
+    certify_params: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_positive("robustness.n", self.n)

@@ -2,7 +2,8 @@
 
 Each sub-run ``runs/<base>/<recipe>-seed<k>/`` contributes its ``summary.json`` (clean accuracy, the last
 epoch's tracked margins), its ``config.json`` (which estimator tracked them) and its ``robustness.json``
-(robust accuracy at every radius, per stage, and the per-point worst-case flags), each read by its reader
+(certified and robust accuracy at every radius, per stage, and the per-point worst-case flags), each read
+by its reader
 in :mod:`marginlab.lab.readers`. :func:`collect`
 averages the seeds of a base × recipe into one :data:`Row`; :mod:`marginlab.experiments.compare_tables`
 writes the rows as tables and :mod:`marginlab.experiments.compare_verdicts` compares them.
@@ -27,7 +28,8 @@ and ``mean_margin``, the robustness figures as ``"<what>@<eps>"`` columns (:func
 
 
 def metric_key(what: str, eps: float) -> str:
-    """The column of ``what`` (an attack, ``bound`` or ``worst``) at radius ``eps``: ``"pgd@1.5"``."""
+    """The column of ``what`` (an attack, ``bound``, ``certified`` or ``worst``) at radius ``eps``:
+    ``"pgd@1.5"``."""
     return f"{what}@{eps:g}"
 
 
@@ -62,6 +64,7 @@ def seed_metrics(path: Path) -> Row:
         out[f"{split}_min_margin"], out[f"{split}_mean_margin"] = last.get("min"), last.get("mean")
     first = res["settings"]["attacks"][0]
     for e in res["eps"]:
+        out[metric_key("certified", e)] = _at(res, "certified", e)  # None: no certificates (or an old file)
         out[metric_key("bound", e)] = _at(res, "bound_share", e)
         for a in res["settings"]["attacks"]:
             out[metric_key(a, e)] = _at(res, "accuracy", e, a)

@@ -1,8 +1,8 @@
 """The tables of a ``compare`` run, from the rows of :func:`marginlab.experiments.compare_results.collect`.
 
 - ``table.csv``: one row per base × recipe (seed-averaged): clean accuracy, last-epoch min/mean margins,
-  robust accuracy at the reference eps (bound share, the first attack's own figure, AutoAttack, worst
-  case) and the sweep as ``;``-joined columns;
+  robust accuracy at the reference eps (bound share, the first attack's own figure, AutoAttack, then the
+  band: certified accuracy beside the worst case) and the sweep as ``;``-joined columns;
 - ``sweep.csv``: the same robustness numbers, one row per base × recipe × eps;
 - ``table.md``: the notes on how the numbers were obtained (:func:`notes`), the headline table, per-base
   sweep tables and every sanity-check warning.
@@ -24,20 +24,23 @@ from marginlab.lab.names import SWEEP_CSV, TABLE_CSV, TABLE_MD
 # fmt: off
 HEADLINE = ["base", "model", "dataset", "recipe", "seeds", "epochs", "lr", "clean_acc", "margin_estimator",
             "train_min_margin", "train_mean_margin", "test_min_margin", "test_mean_margin", "eps_ref",
-            "bound@ref", "pgd@ref", "autoattack@ref", "worst@ref"]
+            "bound@ref", "pgd@ref", "autoattack@ref", "certified@ref", "worst@ref"]
 # fmt: on
 
 
 def _headline(row: Row) -> list[Any]:
     """The ``table.csv`` line of a row: the :data:`HEADLINE` columns (``@ref`` at the row's reference eps),
-    then the sweep's radii, the first attack's and the worst-case robust accuracy, ``;``-joined."""
+    then the sweep's radii, the first attack's, the certified and the worst-case robust accuracy,
+    ``;``-joined."""
     ref = f"{row['eps_ref']:g}"
     vals = {k: row.get(k.replace("@ref", f"@{ref}")) for k in HEADLINE}
     sweep = [row.get(metric_key("worst", e)) for e in row["eps"]]
     first = [row.get(metric_key(row["first_attack"], e)) for e in row["eps"]]
+    certified = [row.get(metric_key("certified", e)) for e in row["eps"]]
     return [vals[k] for k in HEADLINE] + [
         ";".join(f"{e:g}" for e in row["eps"]),
         ";".join(format_cell(v) for v in first),
+        ";".join(format_cell(v) for v in certified),
         ";".join(format_cell(v) for v in sweep),
     ]
 
@@ -45,7 +48,8 @@ def _headline(row: Row) -> list[Any]:
 def write_tables(cfg: Config, run_dir: Path) -> None:
     """``table.csv`` (one row per base × recipe), ``sweep.csv`` (tidy, per radius) and ``table.md``."""
     rows = collect(cfg, run_dir)
-    header = [*HEADLINE, "sweep_eps", f"sweep_{cfg.robustness.settings_for(1.0).attacks[0]}", "sweep_worst"]
+    first = cfg.robustness.settings_for(1.0).attacks[0]
+    header = [*HEADLINE, "sweep_eps", f"sweep_{first}", "sweep_certified", "sweep_worst"]
     atomic_write_text(run_dir / TABLE_CSV, csv_text(header, [_headline(r) for r in rows]))
     tidy = [
         [
@@ -55,6 +59,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
             r.get(metric_key("bound", e)),
             r.get(metric_key("pgd", e)),
             r.get(metric_key("autoattack", e)),
+            r.get(metric_key("certified", e)),
             r.get(metric_key("worst", e)),
         ]
         for r in rows
@@ -62,7 +67,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
     ]
     atomic_write_text(
         run_dir / SWEEP_CSV,
-        csv_text(["base", "recipe", "eps", "bound", "pgd", "autoattack", "worst"], tidy),
+        csv_text(["base", "recipe", "eps", "bound", "pgd", "autoattack", "certified", "worst"], tidy),
     )
     md = [
         f"# Regularizer comparison\n\n{notes(cfg)}\n",
@@ -73,7 +78,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
         mine = [r for r in rows if r["base"] == base.name]
         eps = mine[0]["eps"]
         md += [
-            f"\n## {base.name}: robust accuracy vs eps (first attack alone / worst case)\n",
+            f"\n## {base.name}: robust accuracy vs eps (first attack alone / certified / worst case)\n",
             markdown_table(
                 ["recipe", *[f"eps={e:g}" for e in eps]],
                 [
@@ -81,6 +86,7 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
                         r["recipe"],
                         *[
                             f"{format_cell(r.get(metric_key(r['first_attack'], e)))} / "
+                            f"{format_cell(r.get(metric_key('certified', e)))} / "
                             f"{format_cell(r.get(metric_key('worst', e)))}"
                             for e in eps
                         ],
@@ -114,8 +120,21 @@ def notes(cfg: Config) -> str:
             else "No min-norm bound.",
             f"`{first}`: {attacks[first]} on the points the bound left robust.",
             *[f"`{a}`: {attacks[a]}, only on the points still robust." for a in later],
-            "`worst`: the reported robust accuracy (survived every evaluation).",
+            "`worst`: the reported robust accuracy (survived every evaluation; an upper bound).",
+            _certified_note(s.certify),
             "Margins: the last epoch's tracked estimate, min and mean over the tracked subsets.",
             f"Seeds {list(cfg.seeds)}, numbers averaged over seeds.",
         ]
+    )
+
+
+def _certified_note(certify: str | None) -> str:
+    """The sentence of :func:`notes` on the ``certified`` columns."""
+    if certify in (None, "off"):
+        return "No certificates (`certified` empty)."
+    by = "CROWN where bound propagation supports the model" if certify == "auto" else certify
+    return (
+        f"`certified`: share of points whose certified margin lower bound ({by}, box domain) is at least "
+        "eps, a lower bound; the true robust accuracy lies between `certified` and `worst`. No attack "
+        "runs on a certified point."
     )

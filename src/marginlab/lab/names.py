@@ -18,8 +18,9 @@ Layout of a run directory::
     sweep.json, sweep.csv, sweep.md   a sweep's manifest and tables (also the comparison's tidy sweep.csv)
     report.html, report.md, report-figures/   ``marginlab report`` (into the run directory by default)
 
-``marginlab margins --out DIR`` writes ``margins.csv`` (or ``.parquet``), ``summary.json`` and, with
-``bracket``, ``bracket.png`` into ``DIR``; ``marginlab robustness --out DIR`` writes ``robustness.json``
+``marginlab margins --out DIR`` writes ``margins.csv`` (or ``.parquet``), ``summary.json``, with
+``--save-arrays`` the estimators' per-point arrays ``arrays.npz`` and, with ``bracket``, ``bracket.png``
+into ``DIR``; ``marginlab robustness --out DIR`` writes ``robustness.json``
 and ``robustness.png``. Readers of these files are in :mod:`marginlab.lab.readers`.
 """
 
@@ -46,6 +47,8 @@ SWEEP_MANIFEST, SWEEP_CSV, SWEEP_MD = "sweep.json", "sweep.csv", "sweep.md"
 REPORT_HTML, REPORT_MD, REPORT_FIGURES = "report.html", "report.md", "report-figures"
 # what `marginlab margins --out DIR` writes into DIR: the per-point table (.csv/.parquet) and its summary
 MARGINS_TABLE, MARGINS_SUMMARY = "margins", "summary.json"
+# ... and, only with --save-arrays, the estimators' large per-point arrays (keys "<estimator>.<array>")
+MARGINS_ARRAYS = "arrays.npz"
 
 # Results tables of experiments that compare several models; the CSV is preferred when both exist.
 RESULT_TABLES = (TABLE_CSV, TABLE_MD)

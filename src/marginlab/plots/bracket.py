@@ -1,5 +1,6 @@
-"""The bracket figure, drawn from the written margins table (its columns ``crown``, ``best`` and, when the
-exact margins were asked for, ``mip``): points sorted by their attack upper bound, the band
+"""The bracket figure, drawn from the written margins table (its margin columns ``crown[<domain>]``,
+``best[<domain>]`` and, when the exact margins were asked for, ``mip[<domain>]``; read by estimator name,
+:func:`marginlab.lab.margins_table.read_columns`): points sorted by their attack upper bound, the band
 [certified lower, upper] and the exact margins as dots."""
 
 from __future__ import annotations
@@ -8,16 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
-from marginlab.lab.margins_table import read_columns
+from marginlab.lab.margins_table import read_columns, read_domains
 from marginlab.plots.common import new_figure, norm_name, save
 
-LOWER, UPPER, EXACT = "crown", "best", "mip"  # the table's columns (marginlab.commands.bracket)
+LOWER, UPPER, EXACT = "crown", "best", "mip"  # the estimators of the table (marginlab.commands.bracket)
 
 
-def plot_bracket(table: str | Path, path: str | Path, *, p: float, domain: str) -> Path:
+def plot_bracket(table: str | Path, path: str | Path, *, p: float, domain: str | None = None) -> Path:
     """Draw the brackets of the margins table ``table`` (``margins.csv`` or ``.parquet``) into ``path``:
-    sorted points (by the upper bound) with the band [lower, upper] and the exact margins as dots."""
+    sorted points (by the upper bound) with the band [lower, upper] and the exact margins as dots.
+    ``domain`` names the axis (``box`` or ``rd``); ``None``: the one the table's header states."""
     cols = read_columns(table, (LOWER, UPPER, EXACT))
+    if domain is None:
+        domain = read_domains(table).get(LOWER, "box")
     upper = cols[UPPER]
     exact = cols.get(EXACT, np.full_like(upper, np.nan))
     order = np.argsort(np.abs(upper), kind="stable")

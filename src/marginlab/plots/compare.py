@@ -5,7 +5,8 @@
 - ``histograms.png``: per base, the per-point margins at the end of training, train and test, one
   step histogram per recipe on shared bins;
 - ``robustness.png``: per base, robust accuracy vs ε: the curve from the min-norm bound of every point
-  (an upper bound), the first attack's own accuracy (circles) and the worst case (diamonds).
+  (an upper bound), the first attack's own accuracy (circles) and the worst case (diamonds); with
+  certificates, the certified curve (dotted, a lower bound) and the band up to the bound curve, shaded.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def plot_robustness(
     fig, axes = new_figure(1, len(bases), size=(4.4 * len(bases), 3.4))
     axes = np.atleast_1d(np.asarray(axes, dtype=object)).ravel()
     for ax, base in zip(axes, bases, strict=True):
-        right, norm = 0.0, ""
+        right, norm, banded = 0.0, "", False
         for recipe in recipes:
             evaluated = _evaluated(_subruns(run_dir, base, recipe, seeds))
             results = [read_robustness(sub) for sub in evaluated]
@@ -191,6 +192,14 @@ def plot_robustness(
             eps = np.asarray(res.eps)
             right = max(right, float(eps.max()) * 1.15)
             upper = [u for u in (r.margin_upper() for r in results) if u is not None]
+            lower = [low for low in (r.margin_lower() for r in results) if low is not None]
+            banded |= bool(lower)
+            if lower:  # the certified curve, the band's lower end
+                grid, low = robustness_curve(np.concatenate(lower), eps=np.linspace(0, right, 200))
+                ax.plot(grid, low, color=color, linestyle=":", linewidth=1.0, label=f"{recipe}: certified")
+                if upper:
+                    _, high = robustness_curve(np.concatenate(upper), eps=grid)
+                    ax.fill_between(grid, low, np.maximum(high, low), color=color, alpha=0.1, linewidth=0)
             if upper:
                 grid, acc = robustness_curve(np.concatenate(upper), eps=np.linspace(0, right, 200))
                 ax.plot(
@@ -219,7 +228,9 @@ def plot_robustness(
             ax.axvline(reference, color="0.4", linestyle=":", linewidth=0.8)
         ax.set_title(f"{base}: robust accuracy")
         ax.set_xlabel(f"ε ({norm} norm of the perturbation)" if norm else "ε")
-        ax.set_ylabel("robust accuracy (upper bound)")
+        ax.set_ylabel(
+            "robust accuracy (band: certified to upper bound)" if banded else "robust accuracy (upper bound)"
+        )
         ax.set_xlim(0, right or 1.0)
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=6)

@@ -1,5 +1,7 @@
 """The robustness figure: robust accuracy vs ε, from per-point minimal perturbations (the curve of
-:func:`marginlab.robustness.robustness_curve`) and the accuracies each attack stage reached."""
+:func:`marginlab.robustness.robustness_curve`) and the accuracies each attack stage reached; with
+certificates, the certified curve below (the survival function of the certified radii, a lower bound)
+and the band between it and the min-norm curve shaded: the true robust accuracy lies inside."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from collections.abc import Mapping
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from marginlab.base.errors import ConfigError
@@ -32,7 +35,8 @@ def plot_robustness(
 
     A curve is exact when its margins are exact (a label containing "exact"), else an upper bound, like
     every attack's accuracy (an attack that fails to find an adversarial example proves nothing); the
-    y-axis says which.
+    y-axis says which. When ``result`` holds certified radii, their curve (a lower bound) is drawn too,
+    the band up to the first curve is shaded, and the certified accuracies are marked at the radii.
     """
     if margins is None and result is None:
         raise ConfigError("plot_robustness needs margins, a RobustnessResult, or both")
@@ -62,7 +66,12 @@ def _draw(
             finite = grid[np.isfinite(grid)]
             right = max(float(np.quantile(finite, 0.99)) * 1.1 if finite.size else 1.0, 1e-3)
         ax.plot(np.append(grid, right), np.append(acc, acc[-1]), drawstyle="steps-post", label=label)
+    lower = None if result is None else result.margin_lower()
+    if lower is not None:
+        right = _draw_certified(ax, lower, curves, right)
     if result is not None:
+        if result.certified is not None:
+            ax.plot(result.eps, result.certified, marker="v", linestyle="none", color="C2", label="certified")
         for stage in result.stages:
             marker, label = _STAGE_STYLE.get(stage, ("^", stage))
             after = " (after earlier stages)" if stage != result.stages[0] else ""
@@ -81,6 +90,8 @@ def _draw(
         if exact and result is not None
         else "robust accuracy (exact)"
         if exact
+        else "robust accuracy (certified lower bound to attack upper bound)"
+        if lower is not None
         else "robust accuracy (upper bound)"
     )
     ax.set_ylim(-0.02, 1.02)
@@ -90,3 +101,18 @@ def _draw(
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def _draw_certified(ax: Axes, lower: np.ndarray, curves: dict[str, ArrayInput], right: float | None) -> float:
+    """The certified curve from the radii ``lower [N]`` and, under the first upper curve of ``curves``,
+    the shaded band; returns the x-range's right end."""
+    if right is None:
+        finite = lower[np.isfinite(lower) & (lower > 0)]
+        right = max(float(np.quantile(finite, 0.99)) * 1.1 if finite.size else 1.0, 1e-3)
+    grid = np.linspace(0.0, right, 400)
+    _, low = robustness_curve(lower, eps=grid)
+    ax.plot(grid, low, color="C2", linewidth=1.0, label="certified radius (lower bound)")
+    if curves:
+        _, high = robustness_curve(next(iter(curves.values())), eps=grid)
+        ax.fill_between(grid, low, np.maximum(high, low), color="C2", alpha=0.12, linewidth=0, label="band")
+    return right

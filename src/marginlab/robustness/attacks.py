@@ -29,6 +29,7 @@ __all__ = ["ATTACKS", "NORMS", "RobustnessSettings", "autoattack", "normalize_no
 
 NORMS = (Norm.L2, Norm.Linf)  # the norms robustness is evaluated in ("L2", "Linf")
 AA_VERSIONS = ("standard", "plus", "custom")
+AUTO_CERTIFIER = "crown"  # certify="auto": CROWN where bound propagation supports the model's layers
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
 
@@ -63,7 +64,10 @@ class RobustnessSettings:
     AutoAttack: ``aa_version`` ('standard' is the trustworthy default; 'custom' runs ``aa_attacks`` only,
     with ``aa_iters`` iterations if given), at the radii ``aa_eps`` (``None``: all). ``tol``: how much a
     later attack may break beyond the earlier ones (a share of all points) before a warning says the
-    earlier attacks alone overstate robustness.
+    earlier attacks alone overstate robustness. ``certify``: the certified lower bound of the certificate
+    pre-pass (:mod:`marginlab.robustness.certify`), with ``certify_params``: ``"auto"`` (CROWN where bound
+    propagation supports the model's layers, else none, with a note), ``"off"`` (none), or the name of a
+    lower-bound or exact estimator (``crown``, ``lipschitz``...; errors are not caught).
     """
 
     norm: Norm = Norm.L2  # given in any spelling Norm.parse accepts ("2", "l2", inf, ...)
@@ -80,6 +84,8 @@ class RobustnessSettings:
     aa_iters: int | None = None
     aa_eps: tuple[float, ...] | None = None
     tol: float = 0.02
+    certify: str | None = "auto"
+    certify_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", Norm.parse(self.norm, NORMS, error=_NORM_ERROR))
@@ -90,6 +96,7 @@ class RobustnessSettings:
         for name in attacks:
             ATTACKS.get(name)  # unknown names: one line listing the valid ones
         self._check_bound()
+        self._check_certify()
         if self.aa_eps is not None:
             object.__setattr__(self, "aa_eps", tuple(float(e) for e in self.aa_eps))
         if not (math.isfinite(self.tol) and 0 <= self.tol <= 1):
@@ -124,6 +131,26 @@ class RobustnessSettings:
         if self.norm.p not in est.norms:
             raise ConfigError(f"bound {self.bound!r} does not support the {self.norm} norm")
         validate_params(self.bound, dict(self.bound_params), "bound_params")
+
+    def _check_certify(self) -> None:
+        name = self.certify
+        if name is None or (isinstance(name, str) and name.lower() in ("off", "none")):
+            object.__setattr__(self, "certify", "off")
+            name = "off"
+        if not isinstance(name, str):
+            raise ConfigError(f"certify must be auto, off or an estimator name, got {name!r}")
+        if name == "off":
+            if self.certify_params:
+                raise ConfigError("certify_params need a certifier; certify is off")
+            return
+        est = ESTIMATORS.get(AUTO_CERTIFIER if name == "auto" else name)
+        if est.kind not in (MarginKind.LOWER, MarginKind.EXACT):
+            raise ConfigError(
+                f"certify {name!r} is not a certified lower bound; use auto, crown, lipschitz or off"
+            )
+        if self.norm.p not in est.norms:
+            raise ConfigError(f"certify {name!r} does not support the {self.norm} norm")
+        validate_params(est.name, dict(self.certify_params), "certify_params")
 
 
 def parse_eps(value: str | float | Sequence[float]) -> list[float]:
