@@ -68,7 +68,10 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, s: RobustnessSettings, todo:
     name = AUTO_CERTIFIER if s.certify == "auto" else str(s.certify)
     params = dict(s.certify_params)
     if "domain" in {f.name for f in dataclasses.fields(ESTIMATORS.get(name))}:
-        params.setdefault("domain", "box")  # the attacks search the box: certify the same set
+        # R^d by default: sound for the box too (the R^d margin is never above the box margin), and on a
+        # 784-1024-10 MLP bound propagation over the L2 ball alone cost 0.05 s per point against 3 s over
+        # ball ∩ box, with the same share certified (10 points); --certify-param domain=box for the box
+        params.setdefault("domain", "rd")
     estimator = build_estimator(name, **params)  # bad parameters: errors even with "auto"
     idx = todo.nonzero().flatten()
     try:
