@@ -195,7 +195,8 @@ def plot_robustness(
             lower = [low for low in (r.margin_lower() for r in results) if low is not None]
             banded |= bool(lower)
             if lower:  # the certified curve, the band's lower end
-                grid, low = robustness_curve(np.concatenate(lower), eps=np.linspace(0, right, 200))
+                # from the smallest ε: points the min-norm bound breaks there are not certified
+                grid, low = robustness_curve(np.concatenate(lower), eps=np.linspace(eps.min(), right, 200))
                 ax.plot(grid, low, color=color, linestyle=":", linewidth=1.0, label=f"{recipe}: certified")
                 if upper:
                     _, high = robustness_curve(np.concatenate(upper), eps=grid)

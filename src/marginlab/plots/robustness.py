@@ -20,6 +20,7 @@ from marginlab.robustness.evaluate import RobustnessResult
 
 __all__ = ["plot_robustness"]
 
+CERTIFIED = "C4"  # the certified curve, its band and markers (the stages take C1, C2... in order)
 _STAGE_STYLE = {"bound": ("s", "min-norm bound"), "pgd": ("o", "PGD"), "autoattack": ("D", "AutoAttack")}
 
 
@@ -67,11 +68,13 @@ def _draw(
             right = max(float(np.quantile(finite, 0.99)) * 1.1 if finite.size else 1.0, 1e-3)
         ax.plot(np.append(grid, right), np.append(acc, acc[-1]), drawstyle="steps-post", label=label)
     lower = None if result is None else result.margin_lower()
-    if lower is not None:
-        right = _draw_certified(ax, lower, curves, right)
+    if result is not None and lower is not None:
+        right = _draw_certified(ax, lower, curves, result.eps[0], right)
     if result is not None:
         if result.certified is not None:
-            ax.plot(result.eps, result.certified, marker="v", linestyle="none", color="C2", label="certified")
+            ax.plot(
+                result.eps, result.certified, marker="v", linestyle="none", color=CERTIFIED, label="certified"
+            )
         for stage in result.stages:
             marker, label = _STAGE_STYLE.get(stage, ("^", stage))
             after = " (after earlier stages)" if stage != result.stages[0] else ""
@@ -103,16 +106,21 @@ def _draw(
     return fig
 
 
-def _draw_certified(ax: Axes, lower: np.ndarray, curves: dict[str, ArrayInput], right: float | None) -> float:
+def _draw_certified(
+    ax: Axes, lower: np.ndarray, curves: dict[str, ArrayInput], start: float, right: float | None
+) -> float:
     """The certified curve from the radii ``lower [N]`` and, under the first upper curve of ``curves``,
-    the shaded band; returns the x-range's right end."""
+    the shaded band, from ``start`` (the smallest evaluated ε: points broken there by the min-norm bound
+    are not certified, so below it the curve would understate); returns the x-range's right end."""
     if right is None:
         finite = lower[np.isfinite(lower) & (lower > 0)]
         right = max(float(np.quantile(finite, 0.99)) * 1.1 if finite.size else 1.0, 1e-3)
-    grid = np.linspace(0.0, right, 400)
+    grid = np.linspace(start, max(right, start), 400)
     _, low = robustness_curve(lower, eps=grid)
-    ax.plot(grid, low, color="C2", linewidth=1.0, label="certified radius (lower bound)")
+    ax.plot(grid, low, color=CERTIFIED, linewidth=1.0, label="certified radius (lower bound)")
     if curves:
         _, high = robustness_curve(next(iter(curves.values())), eps=grid)
-        ax.fill_between(grid, low, np.maximum(high, low), color="C2", alpha=0.12, linewidth=0, label="band")
+        ax.fill_between(
+            grid, low, np.maximum(high, low), color=CERTIFIED, alpha=0.12, linewidth=0, label="band"
+        )
     return right
