@@ -26,6 +26,7 @@ from typing import Required, TypedDict
 import torch
 from torch import nn
 
+from marginlab.bounds.crown import CROWN_BUDGET
 from marginlab.estimators import build_estimator, combine_upper_bounds
 from marginlab.estimators.mip import Mip
 from marginlab.estimators.presets import bracket_attacks
@@ -64,7 +65,7 @@ def compute_bracket(
     exact: bool = False,
     time_limit: float = 60.0,
     rtol: float = 1e-3,
-    crown_budget: int = 1 << 22,
+    crown_budget: int = CROWN_BUDGET,
     batch_size: int = 64,
 ) -> Bracket:
     """Brackets of ``x [N,C,H,W]``, ``y [N]``: crown, best (``attacks``, default DeepFool+DDN for L2,

@@ -65,8 +65,9 @@ class RobustnessSettings:
     with ``aa_iters`` iterations if given), at the radii ``aa_eps`` (``None``: all). ``tol``: how much a
     later attack may break beyond the earlier ones (a share of all points) before a warning says the
     earlier attacks alone overstate robustness. ``certify``: the certified lower bound of the certificate
-    pre-pass (:mod:`marginlab.robustness.certify`), with ``certify_params``: ``"auto"`` (CROWN where bound
-    propagation supports the model's layers, else none, with a note), ``"off"`` (none), or the name of a
+    pre-pass (:mod:`marginlab.robustness.certify`), with ``certify_params``: ``"auto"`` (CROWN over the R^d
+    ball where bound propagation supports the model's layers, with interval bounds on the hidden layers
+    of convolutional nets, else none, with a note), ``"off"`` (none), or the name of a
     lower-bound or exact estimator (``crown``, ``lipschitz``...; errors are not caught).
     """
 
