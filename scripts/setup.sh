@@ -45,3 +45,13 @@ if ! command -v chromium >/dev/null; then
     echo "note: the report's browser test needs 'sudo apt-get install chromium'; it is skipped without it" >&2
   fi
 fi
+
+# SLURM (Debian's slurmctld, slurmd, slurm-client, munge) for tests/test_slurm_local.py and the SLURM
+# launcher's tests: the fixture in tests/slurm_fixture.py starts a one-node cluster through
+# scripts/slurm-local.sh, and they skip without it.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # Installs only what is missing (quiet when everything is there).
+  bash scripts/slurm-local.sh install || echo "warning: could not install SLURM; the SLURM tests will be skipped" >&2
+elif ! command -v sbatch >/dev/null; then
+  echo "note: the SLURM tests need root and 'sudo apt-get install slurm-wlm munge'; they are skipped without" >&2
+fi

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from slurm_fixture import slurm_cluster as slurm_cluster  # the real single-node SLURM fixture
+
 _LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
 
 # A tiny `train` config on scikit-learn's 8x8 digits: seconds to run, every section explicit.

@@ -17,11 +17,11 @@ from typing import NoReturn
 from marginlab import __version__
 from marginlab.base.errors import MarginlabError
 from marginlab.base.logs import setup_logging
-from marginlab.commands import data, margins, plot, report, robustness, run, sweep
+from marginlab.commands import data, margins, plot, report, robustness, run, status, sweep
 from marginlab.lab.provenance import set_command
 
 # Sub-commands, each a module in marginlab.commands with ``register(subparsers)``, in --help order.
-COMMANDS = [run, plot, data, report, sweep, robustness, margins]
+COMMANDS = [run, plot, data, report, sweep, status, robustness, margins]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,8 +1,9 @@
 """Data-parallel plumbing over ``torch.distributed``: one small context object the training loop uses.
 
-Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...), a run
-joins a process group (gloo on CPU, NCCL on GPU). Without those variables everything degrades to a
-single process with no-op collectives, so the training loop has exactly one code path.
+Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...), or
+as several tasks of a SLURM job (:func:`slurm_torch_env` turns ``SLURM_PROCID``... into the same
+variables), a run joins a process group (gloo on CPU, NCCL on GPU). Without those variables everything
+degrades to a single process with no-op collectives, so the training loop has exactly one code path.
 
 Sharding rule (used for training batches and for margin tracking alike): a sequence of ``n`` items is
 cut into ``world_size`` contiguous chunks with ``torch.tensor_split`` semantics, rank ``r`` taking chunk
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +24,42 @@ import torch
 import torch.distributed as dist
 
 from marginlab.base.errors import ConfigError
+
+_PORT_BASE, _PORT_SPAN = 20000, 20000  # MASTER_PORT of a SLURM job: 20000 + job id mod 20000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``, ``"n1,n2"`` -> ``"n1"``.
+
+    SLURM's compressed form is ``PREFIX[a-b,c]SUFFIX`` groups separated by commas; the first host is the
+    first group's prefix with the first number of its bracket (zero padding kept)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist.strip())
+    if match is None:
+        raise ConfigError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges, suffix = match.groups()
+    first = ranges.split(",")[0].split("-")[0] if ranges else ""
+    return f"{prefix}{first}{suffix or ''}"
+
+
+def slurm_torch_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) for
+    one process of a SLURM job step started with several tasks (``srun``: ``SLURM_PROCID``,
+    ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_JOB_NODELIST``, ``SLURM_JOB_ID``); empty for a single
+    task or outside SLURM. Variables already set (a ``torchrun`` inside the job) are kept: only the
+    missing ones are returned, so ``os.environ.update(...)`` never overrides a launcher's choice."""
+    ntasks = int(environ.get("SLURM_NTASKS", "1") or "1")
+    if ntasks <= 1 or "RANK" in environ:
+        return {}
+    job = int(environ.get("SLURM_JOB_ID", "0") or "0")
+    env = {
+        "RANK": environ.get("SLURM_PROCID", "0"),
+        "WORLD_SIZE": str(ntasks),
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": first_host(environ.get("SLURM_JOB_NODELIST", "localhost")),
+        # one port per job: two jobs sharing a node must not meet at the same rendezvous
+        "MASTER_PORT": str(_PORT_BASE + job % _PORT_SPAN),
+    }
+    return {k: v for k, v in env.items() if k not in environ}
 
 
 def env_rank() -> int:

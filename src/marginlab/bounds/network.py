@@ -29,26 +29,27 @@ from marginlab.bounds.ops import Affine, Op, Shape
 from marginlab.bounds.trace import trace_graph
 from marginlab.nets.models import MarginNet
 
-__all__ = ["SUPPORTED", "network_graph", "network_ops"]
+__all__ = ["SUPPORTED", "chain_leaves", "network_graph", "network_ops"]
 
 
-def _leaves(module: nn.Module, path: str = "") -> list[tuple[str, nn.Module]] | None:
-    """``(path, leaf)`` of a MarginNet or (nested) ``nn.Sequential`` in the order they run; ``None``
-    when a leaf is not a known layer or a container's ``forward`` is its own (then: trace it)."""
+def chain_leaves(module: nn.Module, path: str = "") -> list[tuple[str, nn.Module]]:
+    """``(path, leaf)`` of a MarginNet or (nested) ``nn.Sequential`` in the order they run: the walk
+    descends only into containers whose ``forward`` is the stock one; any other module (a layer, or a
+    container with its own ``forward``) is a leaf, for the caller to accept or refuse."""
     dot = f"{path}." if path else ""
     if isinstance(module, MarginNet) and type(module).forward is MarginNet.forward:
         parts = [(f"{dot}phi", module.phi), (f"{dot}head", module.head)]
     elif isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         parts = [(f"{dot}{name}", child) for name, child in module.named_children()]
     else:
-        return [(path, module)] if is_known(module) else None
-    out: list[tuple[str, nn.Module]] = []
-    for name, child in parts:
-        leaves = _leaves(child, name)
-        if leaves is None:
-            return None
-        out += leaves
-    return out
+        return [(path, module)]
+    return [leaf for name, child in parts for leaf in chain_leaves(child, name)]
+
+
+def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """:func:`chain_leaves` when every leaf is a known layer, else ``None`` (then: trace the model)."""
+    leaves = chain_leaves(module)
+    return leaves if all(is_known(m) for _, m in leaves) else None
 
 
 def _chain(leaves: list[tuple[str, nn.Module]], in_shape: Sequence[int]) -> list[tuple[Op, str]]:

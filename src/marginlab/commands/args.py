@@ -10,10 +10,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from marginlab.base.config import INT_LIMIT, parse_key_values
+from marginlab.base.config import INT_LIMIT, from_dict, parse_key_values
 from marginlab.base.errors import ConfigError
 from marginlab.base.seed import check_seed
 from marginlab.data import load_points
+from marginlab.lab.launchers import SlurmConfig, check_launcher
 from marginlab.nets.loading import load_model
 from marginlab.nets.preprocess import parse_preprocess
 from marginlab.nets.spec import resolve_spec
@@ -183,3 +184,54 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+_SLURM_FLAGS = ("partition", "time", "gpus_per_task", "cpus_per_task", "mem", "array_parallelism", "poll_s")
+
+
+def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
+    """``--launcher local|slurm`` and the SLURM options (shared by ``sweep`` and ``run`` of a comparison)."""
+    g = p.add_argument_group("launcher", "where the runs execute: here, or on SLURM (see the docs: cluster)")
+    g.add_argument(
+        "--launcher",
+        metavar="local|slurm",
+        help="local worker processes (the default) or one SLURM array job, a task per run (submitit)",
+    )
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--time", type=int_arg, metavar="MINUTES", help="time limit of each run (default 60)")
+    g.add_argument("--gpus-per-task", type=int_arg, metavar="N", help="GPUs of each run (default 0)")
+    g.add_argument("--cpus-per-task", type=int_arg, metavar="N", help="CPUs of each run's process")
+    g.add_argument("--mem", metavar="SIZE", help="memory of each run, e.g. 8G")
+    g.add_argument("--array-parallelism", type=int_arg, metavar="N", help="runs at once at most")
+    g.add_argument(
+        "--slurm-poll",
+        type=float,
+        dest="poll_s",
+        metavar="SECONDS",
+        help="seconds between looks at squeue (5)",
+    )
+    g.add_argument(
+        "--slurm-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. --slurm-param qos=high (repeatable)",
+    )
+
+
+def launcher_settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """``(launcher, slurm table)`` from the options of :func:`add_launcher_arguments`: the launcher named
+    (``None``: not given) and the ``[slurm]`` keys given; SLURM options without ``--launcher slurm`` (or
+    a bad value) are a one-line :class:`ConfigError`."""
+    launcher = None if args.launcher is None else check_launcher(args.launcher)
+    table: dict[str, Any] = {k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None}
+    if args.slurm_param:
+        table["params"] = parse_key_values(args.slurm_param, "slurm-param", "KEY=VALUE")
+    if table and launcher == "local":
+        flags = ", ".join(
+            "--" + {"poll_s": "slurm-poll", "params": "slurm-param"}.get(k, k).replace("_", "-")
+            for k in table
+        )
+        raise ConfigError(f"{flags} only apply to --launcher slurm")
+    from_dict(SlurmConfig, table, "slurm")  # every value checked now, one line each
+    return launcher, table

@@ -1,4 +1,4 @@
-"""``marginlab sweep CONFIG [key=value ...] --grid key=v1,v2 ... [--out DIR] [--jobs N]``."""
+"""``marginlab sweep CONFIG [key=value ...] --grid key=v1,v2 ... [--out DIR] [--jobs N] [--launcher L]``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from marginlab.base.config import load_config
+from marginlab.base.config import from_dict, load_config
 from marginlab.base.errors import ConfigError
+from marginlab.commands.args import add_launcher_arguments, launcher_settings
+from marginlab.lab.launchers import SlurmConfig
 from marginlab.lab.names import SWEEP_MD
+from marginlab.lab.slurm import make_launcher
 from marginlab.sweep import run_sweep, stop_signal
 
 
@@ -30,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="sweep directory (default: runs/<config name>-sweep)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)")
     p.add_argument("--keys", help="comma-separated summary keys for the table (default: all shared ones)")
+    add_launcher_arguments(p)
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with --launcher slurm: submit and return ('marginlab status OUT' follows the jobs; the same "
+        "command again waits for those still running and writes the tables)",
+    )
     p.set_defaults(func=main)
 
 
@@ -40,10 +50,13 @@ def main(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {args.jobs}")
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    name, table = launcher_settings(args)
+    slurm = from_dict(SlurmConfig, table, "slurm")
+    launcher = make_launcher(name or "local", jobs=args.jobs, slurm=slurm, wait=not args.no_wait)
     base = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep")
     try:
-        result = run_sweep(base, args.grid, out, jobs=args.jobs, keys=keys)
+        result = run_sweep(base, args.grid, out, jobs=args.jobs, keys=keys, launcher=launcher)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the workers are stopped, the tables written
         sig = stop_signal(e)
         print(
@@ -51,6 +64,13 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + sig  # the shell's convention for "ended by this signal": 130 for Ctrl-C
+    if args.no_wait:
+        todo = sum(r.mode != "skip" for r in result.records)
+        print(
+            f"sweep {out}: {todo} runs on SLURM, {len(result.records) - todo} already finished; "
+            f"'marginlab status {out}' follows them, the same command again collects them"
+        )
+        return 0
     for r in result.records:
         note = " (already done)" if r.mode == "skip" else f": {r.error}" if r.error else ""
         print(f"{r.status:9s} {r.point.name}{note}")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from marginlab.base.config import check_positive, load_toml, merge_overrides, require
 from marginlab.base.errors import ConfigError
+from marginlab.lab.launchers import SlurmConfig, check_launcher
 from marginlab.lab.runner import build_config
 from marginlab.robustness import RobustnessSettings
 from marginlab.training.recipes import RECIPES
@@ -140,15 +141,28 @@ class RobustnessConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """The ``compare`` experiment: bases × recipes × seeds, then robustness of every trained model."""
+    """The ``compare`` experiment: bases × recipes × seeds, then robustness of every trained model.
+
+    ``params``: per recipe, its objective's parameters for every base (TOML ``[params.pgd-at]``,
+    ``eps = 0.1``...); unset ones take the objective's reference values for each base's dataset.
+    ``launcher``: ``"local"`` (``jobs`` worker processes) or ``"slurm"`` (one SLURM array job, a task per
+    sub-run, settings in the ``[slurm]`` table: :class:`marginlab.lab.launchers.SlurmConfig`)."""
 
     bases: tuple[BaseConfig, ...] = ()
     recipes: tuple[str, ...] = ("standard", "constraint", "regularized")
     seeds: tuple[int, ...] = (0,)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     jobs: int = 1
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    launcher: str = "local"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
+        check_launcher(self.launcher)
+        require(
+            self.launcher == "local" or self.jobs == 1,
+            "jobs is for the local launcher; with slurm set slurm.array_parallelism",
+        )
         require(bool(self.bases), "compare needs at least one [[bases]] entry (a train preset)")
         require(
             isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1,
@@ -161,23 +175,36 @@ class Config:
         )
         for r in self.recipes:
             require(r in RECIPES, f"unknown recipe {r!r}; choose from: {', '.join(RECIPES)}")
+        for r, params in self.params.items():
+            require(r in self.recipes, f"params.{r}: {r!r} is not one of the recipes {list(self.recipes)}")
+            require(isinstance(params, dict), f"params.{r} must be a table of the recipe's parameters")
         for base in self.bases:
             for r in self.recipes:
-                subrun_config(base, r, self.seeds[0])  # each must build (e.g. gamma known) before training
+                # each must build (e.g. gamma known, params valid) before anything trains
+                subrun_config(base, r, self.seeds[0], self.params.get(r))
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds must be distinct")
 
 
-def subrun_config(base: BaseConfig, recipe: str, seed: int) -> dict[str, Any]:
-    """The ``train`` config of one sub-run: the base with ``seed`` and ``recipe`` (validated)."""
+def subrun_config(
+    base: BaseConfig, recipe: str, seed: int, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``train`` config of one sub-run: the base with ``seed``, ``recipe`` and the recipe's objective
+    ``params`` (validated; a base may not set ``regularizer.params``: they belong to one recipe)."""
     raw = merge_overrides(base.config, {})  # a deep copy
     shared = raw.get("regularizer", {})
-    terms = RECIPES[recipe]
+    if shared.get("params"):
+        raise ConfigError(
+            f"base {base.name!r}: regularizer.params would apply to every recipe; "
+            "set each recipe's in the compare config's [params.<recipe>] table"
+        )
+    terms = RECIPES[recipe].terms
     reg = {
         k: v
         for k, v in shared.items()
-        if k != "recipe" and _TERM_OF_KEY.get(k, terms[0] if terms else "") in terms or k == "seed"
+        if k not in ("recipe", "params")
+        and (_TERM_OF_KEY.get(k, terms[0] if terms else "") in terms or k == "seed")
     }
-    raw["regularizer"] = {**reg, "recipe": recipe}
+    raw["regularizer"] = {**reg, "recipe": recipe, **({"params": dict(params)} if params else {})}
     raw["seed"] = seed
     try:
         build_config(raw)

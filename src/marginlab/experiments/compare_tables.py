@@ -4,8 +4,10 @@
   robust accuracy at the reference eps (bound share, the first attack's own figure, AutoAttack, then the
   band: certified accuracy beside the worst case) and the sweep as ``;``-joined columns;
 - ``sweep.csv``: the same robustness numbers, one row per base × recipe × eps;
-- ``table.md``: the notes on how the numbers were obtained (:func:`notes`), the headline table, per-base
-  sweep tables and every sanity-check warning.
+- ``table.md``: the notes on how the numbers were obtained (:func:`notes`), the headline table, per base
+  the recipes side by side with their changes against ``standard``, the training cost and the ablations
+  (:mod:`marginlab.experiments.compare_sidebyside`, given the summary), the sweep table and every
+  sanity-check warning.
 
 The verdicts (each recipe against ``standard``) are :mod:`marginlab.experiments.compare_verdicts`.
 """
@@ -18,7 +20,8 @@ from typing import Any
 from marginlab.base.fsio import atomic_write_text
 from marginlab.base.tables import csv_text, format_cell, markdown_table
 from marginlab.experiments.compare_config import Config
-from marginlab.experiments.compare_results import Row, collect, metric_key
+from marginlab.experiments.compare_results import POINT_STATS, Row, collect, metric_key
+from marginlab.experiments.compare_sidebyside import side_by_side
 from marginlab.lab.names import SWEEP_CSV, TABLE_CSV, TABLE_MD
 
 # fmt: off
@@ -26,6 +29,14 @@ HEADLINE = ["base", "model", "dataset", "recipe", "seeds", "epochs", "lr", "clea
             "train_min_margin", "train_mean_margin", "test_min_margin", "test_mean_margin", "eps_ref",
             "bound@ref", "pgd@ref", "autoattack@ref", "certified@ref", "worst@ref"]
 # fmt: on
+# table.csv only (table.md shows them side by side per base): the fixed points' margins. The training
+# cost is in table.md and summary.json (under ``time``) only: this file is the same in every run of a seed.
+EXTRA = [
+    "margin_bound",
+    *[f"upper_{k}" for k in POINT_STATS],
+    "certifier",
+    *[f"lower_{k}" for k in POINT_STATS],
+]  # fmt: skip
 
 
 def _headline(row: Row) -> list[Any]:
@@ -45,12 +56,17 @@ def _headline(row: Row) -> list[Any]:
     ]
 
 
-def write_tables(cfg: Config, run_dir: Path) -> None:
-    """``table.csv`` (one row per base × recipe), ``sweep.csv`` (tidy, per radius) and ``table.md``."""
-    rows = collect(cfg, run_dir)
+def write_tables(
+    cfg: Config, run_dir: Path, rows: list[Row] | None = None, summary: dict[str, Any] | None = None
+) -> None:
+    """``table.csv`` (one row per base × recipe), ``sweep.csv`` (tidy, per radius) and ``table.md``;
+    ``rows``: :func:`collect`'s when already read; ``summary``: the verdicts, for the side-by-side
+    tables (left out without it)."""
+    rows = collect(cfg, run_dir) if rows is None else rows
     first = cfg.robustness.settings_for(1.0).attacks[0]
-    header = [*HEADLINE, "sweep_eps", f"sweep_{first}", "sweep_certified", "sweep_worst"]
-    atomic_write_text(run_dir / TABLE_CSV, csv_text(header, [_headline(r) for r in rows]))
+    header = [*HEADLINE, "sweep_eps", f"sweep_{first}", "sweep_certified", "sweep_worst", *EXTRA]
+    lines = [_headline(r) + [r.get(k) for k in EXTRA] for r in rows]
+    atomic_write_text(run_dir / TABLE_CSV, csv_text(header, lines))
     tidy = [
         [
             r["base"],
@@ -77,6 +93,8 @@ def write_tables(cfg: Config, run_dir: Path) -> None:
     for base in cfg.bases:
         mine = [r for r in rows if r["base"] == base.name]
         eps = mine[0]["eps"]
+        if summary is not None and base.name in summary.get("bases", {}):
+            md += side_by_side(base.name, mine, summary["bases"][base.name])
         md += [
             f"\n## {base.name}: robust accuracy vs eps (first attack alone / certified / worst case)\n",
             markdown_table(
@@ -122,7 +140,11 @@ def notes(cfg: Config) -> str:
             *[f"`{a}`: {attacks[a]}, only on the points still robust." for a in later],
             "`worst`: the reported robust accuracy (survived every evaluation; an upper bound).",
             _certified_note(s.certify),
-            "Margins: the last epoch's tracked estimate, min and mean over the tracked subsets.",
+            "Margins: the last epoch's tracked estimate, min and mean over the tracked subsets; and the "
+            "min-norm bound (`bound`) and certified radius of the fixed test points (`upper_*`, `lower_*`: "
+            "min, quartiles, mean of the finite values).",
+            "Training cost: wall and CPU seconds of the training epochs (margin tracking left out), and "
+            "their ratio to `standard` of the same seed (geometric mean over seeds, 95% interval).",
             f"Seeds {list(cfg.seeds)}, numbers averaged over seeds.",
         ]
     )

@@ -32,7 +32,7 @@ from marginlab.plots.training import plot_training
 from marginlab.training.loop import TrainConfig, fit
 from marginlab.training.recipes import (
     RegularizerConfig,
-    build_regularizers,
+    build_objective,
     reference_lr,
     resolve_config,
 )
@@ -98,7 +98,8 @@ class Config:
 
 def resolve(cfg: Config) -> Config:
     """``cfg`` with the values it derives filled in, as recorded in ``config.json``: the learning rate
-    of the recipe and the regularizer's reference weights (λ, γ, β) where they were left unset."""
+    of the recipe, the regularizer's reference weights (λ, γ, β) where they were left unset and every
+    parameter of the recipe's objective (``regularizer.params``: ε, steps... of ``pgd-at``)."""
     return replace(
         cfg,
         train=replace(cfg.train, lr=cfg.lr),
@@ -152,7 +153,7 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> Summary:
         input_shape=train.input_shape,
         options=cfg.model.options,
     )
-    regularizers = build_regularizers(cfg.regularizer, cfg.model.name, d.dataset)
+    objective = build_objective(cfg.regularizer, cfg.model.name, d.dataset, seed=cfg.seed)
     splits: dict[Split, tuple[torch.Tensor, torch.Tensor]] = {
         "train": (train.x, train.y),
         "test": (test.x, test.y),
@@ -160,7 +161,7 @@ def run(cfg: Config, rd: RunDir, *, resume: bool) -> Summary:
     tracker = MarginTracker(cfg.tracking, splits, seed=cfg.seed, device=device, dist=dist)
     records = fit(
         model, train.x, train.y, cfg.train, lr=cfg.lr, seed=cfg.seed, device=device,
-        regularizers=regularizers, tracker=tracker, rd=rd, resume=resume, dist=dist,
+        objective=objective, tracker=tracker, rd=rd, resume=resume, dist=dist,
     )  # fmt: skip
     extra: RunFacts = {
         "n_train": len(train),

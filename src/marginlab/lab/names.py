@@ -16,6 +16,7 @@ Layout of a run directory::
     runs/<base>/<recipe>-seed<k>/   sub-runs of a comparison, each a run directory of its own
     table.csv, table.md        the tables of a comparison
     sweep.json, sweep.csv, sweep.md   a sweep's manifest and tables (also the comparison's tidy sweep.csv)
+    launch.json, slurm/   a sweep or comparison run on SLURM: job ids and states; submitit's logs
     report.html, report.md, report-figures/   ``marginlab report`` (into the run directory by default)
 
 ``marginlab margins --out DIR`` writes ``margins.csv`` (or ``.parquet``), ``summary.json``, with
@@ -45,6 +46,9 @@ SUBRUNS = "runs"
 TABLE_CSV, TABLE_MD = "table.csv", "table.md"
 SWEEP_MANIFEST, SWEEP_CSV, SWEEP_MD = "sweep.json", "sweep.csv", "sweep.md"
 REPORT_HTML, REPORT_MD, REPORT_FIGURES = "report.html", "report.md", "report-figures"
+# A sweep or comparison launched on SLURM: its job ids, log paths and states (``marginlab status``), the
+# lock that keeps two submitters from submitting the same run, and submitit's folder (scripts, pickles, logs)
+LAUNCH_STATE, LAUNCH_LOCK, SLURM_FOLDER = "launch.json", ".launch.lock", "slurm"
 # what `marginlab margins --out DIR` writes into DIR: the per-point table (.csv/.parquet) and its summary
 MARGINS_TABLE, MARGINS_SUMMARY = "margins", "summary.json"
 # ... and, only with --save-arrays, the estimators' large per-point arrays (keys "<estimator>.<array>")
@@ -63,14 +67,18 @@ COSINE_FIGURE = "cosine.png"  # logreg-gd: direction of GD vs the SVMs
 ADVERSARIAL_FIGURE = "adversarial.png"  # logreg-gd: minimal adversarial examples
 MARGIN_CURVES_FIGURE = "margin_curves.png"  # comparisons
 ROBUSTNESS_FIGURE = "robustness.png"  # comparisons and `marginlab robustness`
+PARETO_FIGURE = "pareto.png"  # comparisons: robust vs clean accuracy per recipe, marker size = cost
+POINT_MARGINS_FIGURE = "point_margin_histograms.png"  # comparisons: fixed test points' margin bounds
+ROBUSTNESS_BAND_FIGURE = "robustness_band.png"  # comparisons: robust accuracy vs ε, certified band
 BRACKET_FIGURE = "bracket.png"  # `marginlab margins --estimators bracket`
 
 # Per-point margins at one epoch: margins/epoch-XXXX.npz
 _EPOCH_PREFIX, _EPOCH_SUFFIX = "epoch-", ".npz"
 EPOCH_GLOB = f"{_EPOCH_PREFIX}*{_EPOCH_SUFFIX}"
 
-# Files whose presence anywhere in a run directory means finished work that must never be deleted.
-WORK_FILES = (SUMMARY, CHECKPOINT, WEIGHTS, ROBUSTNESS)
+# Files whose presence anywhere in a run directory means finished work that must never be deleted (or,
+# for launch.json, SLURM jobs that may still be writing into it).
+WORK_FILES = (SUMMARY, CHECKPOINT, WEIGHTS, ROBUSTNESS, LAUNCH_STATE)
 
 
 def margins_file(run_dir: str | Path, epoch: int) -> Path:

@@ -82,7 +82,11 @@ _RECIPE_STYLE: dict[str, LineStyle] = {
 }
 _SPARE_DASHES: tuple[str | tuple[int, tuple[int, ...]], ...] = ((0, (1, 1)), (0, (5, 1, 1, 1)), ":")
 _SPARE_STYLES: list[LineStyle] = [
-    {"color": c, "linestyle": ls} for c, ls in zip(PALETTE[4:], _SPARE_DASHES, strict=True)
+    {"color": c, "linestyle": ls}
+    # a comparison of every training recipe has six beyond the reference's three
+    for c, ls in zip(
+        (*PALETTE[4:], "tab:pink", "tab:olive", "tab:cyan"), (*_SPARE_DASHES, "-", "--", "-."), strict=True
+    )
 ]
 
 P = ParamSpec("P")
@@ -148,6 +152,16 @@ def fit_ylim(
         note = "epoch 0 lies off the y-range" if from_epoch == 1 else f"epochs < {from_epoch} may lie off"
         ax.text(0.99, 0.01, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.35")
     return off
+
+
+def shared_bins(arrays: Iterable[np.ndarray], n: int = 40) -> np.ndarray | None:
+    """``n + 1`` histogram bin edges shared by ``arrays`` (their finite values), from the 0.5% and 99.5%
+    quantiles so that one outlier cannot squash the others; ``None`` when no array has a finite value."""
+    finite = [a[np.isfinite(a)] for a in arrays]
+    if not any(len(a) for a in finite):
+        return None
+    lo, hi = np.quantile(np.concatenate(finite), [0.005, 0.995])
+    return np.linspace(lo, hi if hi > lo else lo + 1e-6, n + 1)
 
 
 def new_figure(

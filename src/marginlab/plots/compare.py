@@ -4,6 +4,8 @@
   one colour per recipe (the poster's "regularized vs standard" panels);
 - ``histograms.png``: per base, the per-point margins at the end of training, train and test, one
   step histogram per recipe on shared bins;
+- the recipes side by side (``pareto.png``, ``point_margin_histograms.png``, ``robustness_band.png``):
+  :mod:`marginlab.plots.methods`;
 - ``robustness.png``: per base, robust accuracy vs ε: the curve from the min-norm bound of every point
   (an upper bound), the first attack's own accuracy (circles) and the worst case (diamonds); with
   certificates, the certified curve (dotted, a lower bound) and the band up to the bound curve, shaded.
@@ -26,7 +28,8 @@ from marginlab.lab.names import (
     subrun_dir,
 )
 from marginlab.lab.readers import read_config, read_metrics, read_robustness, read_robustness_extra
-from marginlab.plots.common import fit_ylim, margin_label, new_figure, recipe_style, save, styled
+from marginlab.plots.common import fit_ylim, margin_label, new_figure, recipe_style, save, shared_bins, styled
+from marginlab.plots.methods import plot_methods
 from marginlab.plots.training import draw_series, kind_of
 from marginlab.robustness import robustness_curve
 from marginlab.training.records import SPLITS, EpochRecord, MarginStat, Split
@@ -77,6 +80,7 @@ def plot_compare(run_dir: str | Path) -> list[Path]:
         (p / ROBUSTNESS).is_file() for b in bases for r in recipes for p in _subruns(run_dir, b, r, seeds)
     ):
         out.append(plot_robustness(run_dir, bases, recipes, seeds, figures / ROBUSTNESS_FIGURE))
+    out += plot_methods(run_dir, figures)
     return out
 
 
@@ -143,13 +147,11 @@ def plot_histograms(
                 parts = [p for p in (_last_margins(s, split) for s in subs) if p is not None]
                 if parts:
                     data[recipe] = np.concatenate(parts).astype(np.float64)
-            finite = [a[np.isfinite(a)] for a in data.values()]
-            if not finite or not any(len(a) for a in finite):
+            bins = shared_bins(data.values())
+            if bins is None:
                 ax.set_visible(False)
                 continue
-            # shared bins from robust quantiles, so one outlier cannot squash the others
-            lo, hi = np.quantile(np.concatenate(finite), [0.005, 0.995])
-            bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+            lo, hi = bins[0], bins[-1]
             for recipe, a in data.items():
                 ax.hist(
                     np.clip(a, lo, hi),

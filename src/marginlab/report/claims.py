@@ -143,23 +143,30 @@ def _compare(summary: dict[str, Any]) -> list[Claim]:
     for base, entry in summary["bases"].items():
         for recipe, v in (entry.get("vs_standard") or {}).items():
             claims += _versus(base, recipe, v)
+            claims += _cost(base, recipe, v.get("time") or {})
+        for name, v in (entry.get("ablations") or {}).items():
+            recipe = name.split(" vs ", 1)[0]
+            claims += _versus(f"{base}, ablation ({v.get('question', name)})", recipe, v)
+        claims += _ranking(base, entry.get("ranking") or {}, entry.get("eps_ref"))
     return claims
 
 
 def _versus(base: str, recipe: str, v: dict[str, Any]) -> list[Claim]:
+    """The claims of one pair: ``recipe`` against the entry's baseline (``standard`` unless named)."""
+    b = v.get("baseline", "standard")
     mm, acc = v["mean_margin"], v["robust_accuracy"]
-    ref = next(r for r in acc if r["reference"])
+    over = "" if b == "standard" else f" over {b}"  # the wording of the claims against standard, as before
     claims = []
     if not v["comparable"]:
         ca = v["clean_accuracy"]
         claims.append(
             Claim(
                 FAILS,
-                f"{base}: {recipe} trains as well as standard (else nothing below compares)",
-                f"clean accuracy {num(ca.get('standard'), '.1%')} (standard) vs {num(ca.get(recipe), '.1%')}",
+                f"{base}: {recipe} trains as well as {b} (else nothing below compares)",
+                f"clean accuracy {num(ca.get(b), '.1%')} ({b}) vs {num(ca.get(recipe), '.1%')}",
             )
         )
-    beats = v.get("beats_standard", {})
+    beats = v.get("beats_standard", v.get("beats", {}))
 
     def ruled(key: str) -> str:
         return verdict(beats.get(key)) if v["comparable"] else NOT_COMPARED
@@ -168,20 +175,77 @@ def _versus(base: str, recipe: str, v: dict[str, Any]) -> list[Claim]:
     claims.append(
         Claim(
             ruled("mean_margin_beyond_noise" if seeds else "mean_margin"),
-            f"{base}: {recipe} raises the test mean margin over standard"
+            f"{base}: {recipe} raises the test mean margin over {b}"
             + (" beyond the noise over seeds" if seeds else ""),
-            f"{num(mm.get('standard'))} (standard) → {num(mm.get(recipe))}" + _interval(mm, ".3g"),
+            f"{num(mm.get(b))} ({b}) → {num(mm.get(recipe))}" + _interval(mm, ".3g"),
         )
     )
-    claims.append(
-        Claim(
-            ruled("robust_accuracy"),
-            f"{base}: {recipe} raises the worst-case robust accuracy at ε = {ref['eps']:g} beyond the noise",
-            f"{num(ref.get('standard'), '.1%')} (standard) → {num(ref.get(recipe), '.1%')}; paired noise "
-            f"over test points (2 s.e.) {num(ref.get('noise_2se'), '.1%')}"
-            + _interval(ref.get("over_seeds") or {}, "+.1%"),
+    if "point_margin" in v:
+        pm, pts = v["point_margin"], v["point_margin"]["over_points"]
+        claims.append(
+            Claim(
+                ruled("point_margin"),
+                f"{base}: {recipe} raises the mean margin upper bound of the fixed test points over {b} "
+                "beyond the noise over points",
+                f"{num(pm.get(b))} ({b}) → {num(pm.get(recipe))} over {pts.get('points')} paired points"
+                + (f"; {ci_over_seeds(pts, '+.3g')}" if pts.get("ci") else ""),
+            )
         )
-    )
+    for key, what, entries in (
+        ("robust_accuracy", "worst-case robust", acc),
+        ("certified_accuracy", "certified", v.get("certified_accuracy")),
+    ):
+        if not entries:
+            continue
+        r = next(e for e in entries if e["reference"])
+        claims.append(
+            Claim(
+                ruled(key),
+                f"{base}: {recipe} raises the {what} accuracy at ε = {r['eps']:g}{over} beyond the noise",
+                f"{num(r.get(b), '.1%')} ({b}) → {num(r.get(recipe), '.1%')}; paired noise "
+                f"over test points (2 s.e.) {num(r.get('noise_2se'), '.1%')}"
+                + _interval(r.get("over_seeds") or {}, "+.1%"),
+            )
+        )
+    return claims
+
+
+def _cost(base: str, recipe: str, cost: dict[str, Any]) -> list[Claim]:
+    """The training cost against ``standard``, as measured (no verdict)."""
+    claims = []
+    for what, label in (("wall", "wall-clock"), ("cpu", "CPU")):
+        c = cost.get(what) or {}
+        if c.get("ratio") is None:
+            continue
+        ci = c.get("ci")
+        claims.append(
+            Claim(
+                STATED,
+                f"{base}: {recipe} costs {c['ratio']:.2f}x standard's {label} training time",
+                f"{num(c['seconds'][0], '.3g')} s → {num(c['seconds'][1], '.3g')} s"
+                + (f"; 95% CI over {c['seeds']} seeds [{ci[0]:.2f}x, {ci[1]:.2f}x]" if ci else ""),
+            )
+        )
+    return claims
+
+
+def _ranking(base: str, ranking: dict[str, Any], eps: object) -> list[Claim]:
+    """Which recipe is highest on robust and certified accuracy and on the fixed points' mean margin."""
+    words = {
+        "robust_accuracy": (f"worst-case robust accuracy at ε = {num(eps, 'g')}", ".1%"),
+        "certified_accuracy": (f"certified accuracy at ε = {num(eps, 'g')}", ".1%"),
+        "point_mean_margin": ("mean margin upper bound of the fixed test points", ".3g"),
+    }
+    claims = []
+    for key, (label, fmt) in words.items():
+        order = ranking.get(key) or []
+        if len(order) >= 2:
+            top = [r for r, v in order if v == order[0][1]]
+            who = f"{top[0]} has" if len(top) == 1 else f"{', '.join(top)} ({len(top)} tied) have"
+            text = [f"{order[0][0]} {num(order[0][1], fmt)}"]
+            pairs = zip(order, order[1:], strict=False)
+            text += [f"{'=' if v == b else '>'} {r} {num(v, fmt)}" for (_, b), (r, v) in pairs]
+            claims.append(Claim(STATED, f"{base}: {who} the highest {label}", " ".join(text)))
     return claims
 
 

@@ -6,7 +6,8 @@ file content; each renderer escapes it for its own format.
 
 Order (what a reader wants first comes first):
 
-1. **Findings**: each run's checked claims as sentences, with the verdict and the numbers behind it;
+1. **Findings**: each run's checked claims as sentences, with the verdict and the numbers behind it, and
+   a comparison's figures of the recipes side by side (:data:`FINDINGS_FIGURES`);
 2. **Headline figures**: margins over epochs, then robustness curves, then margin brackets;
 3. the runs at a glance and, for several runs, a comparison (shared summary keys; config keys that
    differ, and nothing else);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -33,7 +35,16 @@ from marginlab.base.tables import (
     split_pivot,
     union_keys,
 )
-from marginlab.lab.names import CONFIG, FIGURES, METRICS, SUMMARY
+from marginlab.lab.names import (
+    CONFIG,
+    FIGURES,
+    METRICS,
+    PARETO_FIGURE,
+    POINT_MARGINS_FIGURE,
+    ROBUSTNESS_BAND_FIGURE,
+    SUMMARY,
+    TABLE_MD,
+)
 from marginlab.report.blocks import Block, Bullets, Claims, Code, Figure, Heading, Table, Text
 from marginlab.report.claims import claims_of
 from marginlab.report.collect import RunInfo
@@ -56,12 +67,24 @@ FIGURE_ORDER = (
     ("adversarial", "minimal adversarial examples"),
 )
 HEADLINE = 3
+# Figures shown under their run's findings (what a reader looks at first), with what each shows.
+FINDINGS_FIGURES = {
+    PARETO_FIGURE: "robust vs clean accuracy per recipe (marker area: training time; bars: 95% intervals)",
+    POINT_MARGINS_FIGURE: "margin histograms per recipe, fixed test points (attack and certified bounds)",
+    ROBUSTNESS_BAND_FIGURE: "robust accuracy vs ε per recipe with the certified band",
+}
 
 
 def build_document(runs: Sequence[RunInfo], title: str) -> list[Block]:
     """All blocks of a report on ``runs`` in reading order (see the module docstring)."""
     figures = {run.label: _figures(run) for run in runs}
-    blocks: list[Block] = [Heading(1, title), *_findings(runs)]
+    order = list(FINDINGS_FIGURES)
+    shown = {
+        k: sorted((f for _, f in figs if f.path.name in order), key=lambda f: order.index(f.path.name))
+        for k, figs in figures.items()
+    }
+    figures = {k: [(r, f) for r, f in figs if f not in shown[k]] for k, figs in figures.items()}
+    blocks: list[Block] = [Heading(1, title), *_findings(runs, shown)]
     headline = [f for run in runs for rank, f in figures[run.label] if rank < HEADLINE]
     if headline:
         blocks += [Heading(2, "Headline figures"), *headline]
@@ -74,7 +97,8 @@ def build_document(runs: Sequence[RunInfo], title: str) -> list[Block]:
 
 
 # -- findings ------------------------------------------------------------------------------------------
-def _findings(runs: Sequence[RunInfo]) -> list[Block]:
+def _findings(runs: Sequence[RunInfo], figures: dict[str, list[Figure]]) -> list[Block]:
+    """Each run's claims, then its :data:`FINDINGS_FIGURES` (``figures``: per run label)."""
     blocks: list[Block] = [Heading(2, "Findings", FINDINGS_ID)]
     for run in runs:
         if len(runs) > 1:
@@ -87,6 +111,7 @@ def _findings(runs: Sequence[RunInfo]) -> list[Block]:
             blocks.append(Claims(claims))
         else:
             blocks.append(Text(f"{run.label}: its {SUMMARY} states no findings; see its summary below."))
+        blocks += [replace(f, description=FINDINGS_FIGURES[f.path.name]) for f in figures.get(run.label, [])]
     return blocks
 
 
@@ -183,7 +208,9 @@ def _run_section(run: RunInfo, figures: list[Figure]) -> list[Block]:
     else:
         blocks += _summary(run.summary)
     blocks += _metrics(run)
-    for table in run.tables:
+    # a comparison's table.md holds what its CSV cannot: the recipes side by side with their intervals
+    extra = [run.path / TABLE_MD] if run.kind == "compare" and (run.path / TABLE_MD).is_file() else []
+    for table in dict.fromkeys([*run.tables, *extra]):
         blocks += _table_file(table)
     if figures:
         blocks += [Heading(3, "More figures"), *figures]

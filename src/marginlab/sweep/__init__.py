@@ -2,7 +2,8 @@
 
 ``run_sweep(base, ["train.lr=0.01,0.002", "seed=0,1,2"], out)`` makes one run directory per grid point,
 named from its values (``out/lr=0.01,seed=0``), runs at most ``jobs`` of them at a time (spawned worker
-processes; ``jobs=1`` runs in this process), and keeps three files in ``out`` current after every run:
+processes; ``jobs=1`` runs in this process) or, with a SLURM ``launcher`` (:mod:`marginlab.lab.slurm`),
+as one array job, and keeps three files in ``out`` current after every run:
 
 - ``sweep.json``: the manifest (base config, grid, and per run its values, config, status and error);
 - ``sweep.csv`` and ``sweep.md``: one row per run, grid values + status + scalar summary keys.
@@ -34,10 +35,11 @@ from marginlab.base.errors import ConfigError, RunDirError
 from marginlab.base.fsio import atomic_write_json, atomic_write_text, to_jsonable
 from marginlab.base.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
 from marginlab.experiments import config_record, plan_mode, run_or_resume
+from marginlab.lab.launchers import Launcher, LocalLauncher
 from marginlab.lab.names import SUMMARY, SWEEP_CSV, SWEEP_MANIFEST, SWEEP_MD
 from marginlab.lab.readers import read_summary_if_any
 from marginlab.lab.stopping import SweepStopped, sigterm_stops_sweep, stop_signal
-from marginlab.lab.workers import Outcome, RunFn, execute
+from marginlab.lab.workers import Outcome, RunFn
 from marginlab.sweep.grid import SweepPoint, parse_grid, plan_sweep, run_name, split_values
 
 __all__ = [
@@ -102,13 +104,16 @@ def run_sweep(
     keys: Sequence[str] | None = None,
     run_fn: RunFn | None = None,
     validate: bool = True,
+    launcher: Launcher | None = None,
 ) -> SweepResult:
     """Run every grid point of ``base`` into ``out/<name>``, skipping finished ones; see the module doc.
 
     ``grid``: ``"key=v1,v2"`` strings or the output of :func:`parse_grid`. ``keys``: summary keys for the
     table (default: the scalar keys all finished runs share). ``run_fn``: replaces :func:`default_run`
     (it must be picklable when ``jobs > 1``). ``validate``: build every config before running anything,
-    so a typo fails the sweep at once instead of failing every run.
+    so a typo fails the sweep at once instead of failing every run. ``launcher``: where the runs execute
+    (default: :class:`~marginlab.lab.launchers.LocalLauncher` with ``jobs``; ``make_launcher("slurm", ...)``
+    of :mod:`marginlab.lab.slurm` submits them as one SLURM array job and waits for it).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
@@ -125,7 +130,12 @@ def run_sweep(
     todo = [r for r in records if r.mode != "skip"]
     jobs_list = [(r.point.config, out / r.point.name, r.mode) for r in todo]
     try:
-        with sigterm_stops_sweep(), closing(execute(jobs_list, run_fn or default_run, jobs)) as events:
+        with (
+            sigterm_stops_sweep(),
+            closing(
+                (launcher or LocalLauncher(jobs)).execute(jobs_list, run_fn or default_run, out)
+            ) as events,
+        ):
             for i, outcome in events:
                 if outcome is None:
                     todo[i].status = "running"

@@ -3,11 +3,11 @@
 One :class:`TrainingState` serves every experiment that resumes (``train``'s SGD loop and ``logreg-gd``'s
 full-batch GD): the model's tensors, the optimizer state, the epoch just finished and the step count,
 **every** random number generator the loop touches (torch CPU and CUDA, numpy, Python, the explicit
-data-order generator; one state per rank), the loss terms' own state (step counters, probe generators)
-and any other experiment-specific values. It holds only what resume needs, so its size does not grow
-with the run: the metric records live in ``metrics.jsonl``, which :func:`resume_state` cuts back to the
-checkpoint's epoch. Deterministic loops leave what they lack empty (logreg-gd: (w, b) only, no
-optimizer, no RNG).
+data-order generator; one state per rank), the training objective's own state per rank (its loss terms'
+step counters and probe generators, an attack's random-start generator) and any other experiment-specific
+values. It holds only what resume needs, so its size does not grow with the run: the metric records live
+in ``metrics.jsonl``, which :func:`resume_state` cuts back to the checkpoint's epoch. Deterministic loops
+leave what they lack empty (logreg-gd: (w, b) only, no optimizer, no RNG).
 
 :func:`save_checkpoint` writes atomically (``fsio.atomic_torch_save``) at the end of every epoch, so a
 ``kill -9`` at any moment leaves either the previous or the new checkpoint, never a torn one.
@@ -15,7 +15,10 @@ optimizer, no RNG).
 Python values and tensors so that no arbitrary pickle is ever executed. File layout (``FORMAT`` 2)::
 
     {"format": 2, "epoch": int, "step": int, "model": {name: tensor}, "optimizer": {...},
-     "rng": [RngState per rank], "extra": {"regularizers": [state per loss term], ...}}
+     "rng": [RngState per rank], "extra": {"objective": [ObjectiveState per rank], ...}}
+
+Checkpoints written before training objectives existed hold ``"extra": {"regularizers": [state per loss
+term]}`` instead (rank 0's): they still resume, the states going to the cross-entropy objective's terms.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from marginlab.base.errors import ConfigError, RunDirError
 from marginlab.base.fsio import atomic_torch_save
 from marginlab.lab.names import CONFIG
 from marginlab.lab.runs import RunDir
+from marginlab.training.objectives import Objective, ObjectiveState
 from marginlab.training.regularizers import Regularizer, RegularizerState
 
 FORMAT = 2  # bump when the layout changes; older checkpoints are refused with a clear message
-_REGULARIZERS = "regularizers"  # the key of the loss terms' states inside the file's "extra"
+_REGULARIZERS = "regularizers"  # the key of the loss terms' states inside the file's "extra" (old layout)
+_OBJECTIVE = "objective"  # the key of the objective's states (one per rank) inside the file's "extra"
 
 
 class NumpyRngState(TypedDict):
@@ -117,7 +122,9 @@ class TrainingState:
         optimizer: the optimizer's ``state_dict`` (``{}`` without an optimizer).
         rng: one :func:`capture_rng` state per rank (index = rank; ``[]`` for deterministic loops).
         regularizers: one :meth:`Regularizer.state_dict` per loss term, in the loop's order
-            (``None``: a loop without loss terms, such as logreg-gd's GD).
+            (``None``: a loop without loss terms, such as logreg-gd's GD, or one with an objective).
+        objective: one :meth:`Objective.state_dict` per rank (``None``: written before objectives, or a
+            loop without one).
         extra: other experiment-specific state, as plain values and tensors.
     """
 
@@ -128,6 +135,7 @@ class TrainingState:
     rng: list[RngState] = field(default_factory=list)
     regularizers: list[RegularizerState] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    objective: list[ObjectiveState] | None = None
 
     @classmethod
     def capture(
@@ -137,16 +145,19 @@ class TrainingState:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         rng: list[RngState],
-        regularizers: Sequence[Regularizer],
+        regularizers: Sequence[Regularizer] = (),
+        objective: Sequence[ObjectiveState] | None = None,
     ) -> TrainingState:
-        """The state of a training loop's live objects (``rng``: every rank's :func:`capture_rng`)."""
+        """The state of a training loop's live objects (``rng``: every rank's :func:`capture_rng`;
+        ``objective``: every rank's :meth:`Objective.state_dict`, which then replaces ``regularizers``)."""
         return cls(
             epoch=epoch,
             step=step,
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             rng=rng,
-            regularizers=[r.state_dict() for r in regularizers],
+            regularizers=[r.state_dict() for r in regularizers] if objective is None else None,
+            objective=None if objective is None else list(objective),
         )
 
     def restore(
@@ -158,9 +169,11 @@ class TrainingState:
         device: torch.device,
         rank: int,
         path: Path,
+        objective: Objective | None = None,
     ) -> None:
         """Load this state into a training loop's live objects (inverse of :meth:`capture`); ``path``
-        (the checkpoint file) is named in errors."""
+        (the checkpoint file) is named in errors. ``objective``: gets this rank's state, or, from a
+        checkpoint of the old layout, the loss terms' states (what :class:`CrossEntropy` keeps)."""
         load_model_state(model, self.model, path)
         try:
             optimizer.load_state_dict(self.optimizer)
@@ -169,6 +182,10 @@ class TrainingState:
         restore_rng(self.rng[rank], data_gen, device)
         for r, st in zip(regularizers, self.regularizers or [], strict=False):
             r.load_state_dict(st)
+        if objective is not None and self.objective is not None:
+            objective.load_state_dict(self.objective[rank])
+        elif objective is not None and self.regularizers is not None:
+            objective.load_state_dict({_REGULARIZERS: self.regularizers})
 
 
 def save_checkpoint(path: str | Path, state: TrainingState) -> None:
@@ -176,6 +193,8 @@ def save_checkpoint(path: str | Path, state: TrainingState) -> None:
     extra = dict(state.extra)
     if state.regularizers is not None:
         extra[_REGULARIZERS] = state.regularizers
+    if state.objective is not None:
+        extra[_OBJECTIVE] = state.objective
     raw = {"format": FORMAT, "epoch": state.epoch, "step": state.step, "model": state.model}
     atomic_torch_save(raw | {"optimizer": state.optimizer, "rng": state.rng, "extra": extra}, path)
 
@@ -194,6 +213,7 @@ def load_checkpoint(path: str | Path) -> TrainingState:
     try:
         extra = dict(raw.get("extra", {}))
         regularizers = extra.pop(_REGULARIZERS, None)
+        objective = extra.pop(_OBJECTIVE, None)
         return TrainingState(
             epoch=int(raw["epoch"]),
             step=int(raw["step"]),
@@ -202,6 +222,7 @@ def load_checkpoint(path: str | Path) -> TrainingState:
             rng=list(raw["rng"]),
             regularizers=None if regularizers is None else [dict(st) for st in regularizers],
             extra=extra,
+            objective=None if objective is None else [dict(st) for st in objective],
         )
     except (KeyError, TypeError, ValueError):
         raise RunDirError(f"checkpoint {path} is incomplete; delete it to restart") from None
@@ -251,14 +272,15 @@ def restore_run(
     device: torch.device,
     dist: DistContext,
     regularizers: Sequence[Regularizer] = (),
+    objective: Objective | None = None,
 ) -> tuple[TrainingState | None, list[dict[str, Any]]]:
-    """:func:`resume_state`, then the state loaded into the training loop's model, optimizer, RNGs and
-    loss terms (:meth:`TrainingState.restore`). ``rd = None``: nothing to resume, ``(None, [])``."""
+    """:func:`resume_state`, then the state loaded into the training loop's model, optimizer, RNGs, loss
+    terms and objective (:meth:`TrainingState.restore`). ``rd = None``: nothing to resume, ``(None, [])``."""
     if rd is None:
         return None, []
     state, records = resume_state(rd, dist)
     if state is not None:
-        state.restore(model, optimizer, regularizers, data_gen, device, dist.rank, rd.checkpoint)
+        state.restore(model, optimizer, regularizers, data_gen, device, dist.rank, rd.checkpoint, objective)
     return state, records
 
 

@@ -1,9 +1,10 @@
-"""The one SGD training loop: epochs, regularizers, margin tracking, checkpoints, resume, data parallelism.
+"""The one SGD training loop: epochs, the recipe's objective, margins, checkpoints, resume, data parallelism.
 
 Reads top to bottom::
 
     epoch 0:       measure margins of the initial model, log, checkpoint
-    epoch 1..E:    one seeded pass over the data in minibatches (SGD, Nesterov momentum),
+    epoch 1..E:    one seeded pass over the data in minibatches (SGD, Nesterov momentum), each step
+                   minimising the recipe's objective (:mod:`marginlab.training.objectives`),
                    measure margins on the fixed subsets, log one record, checkpoint
 
 Every epoch ends with an atomic checkpoint holding the model, the optimizer and every RNG state, so a
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,6 +42,7 @@ from marginlab.training.checkpoint import (
     restore_run,
     save_checkpoint,
 )
+from marginlab.training.objectives import CrossEntropy, Objective, ObjectiveState, StepInfo, StepLoss
 from marginlab.training.progress import (
     check_tensorboard,
     epoch_line,
@@ -71,6 +72,9 @@ class TrainConfig:
     ``amp``: mixed precision, the forward pass in bfloat16 (``torch.autocast``; no loss scaling is needed
     with bfloat16, so resume stays exact); off by default, since margins late in training are small
     differences of large logits (the tracked margins are always measured in float32).
+    ``grad_clip``: rescale each step's gradient to at most this L2 norm over all parameters (``None``: no
+    clipping, the reference); certified training (``ibp``, ``crown-ibp``) with SGD needs it on CNNs,
+    whose interval bounds are loose early and give gradients large enough to diverge.
     """
 
     epochs: int = 200
@@ -84,9 +88,11 @@ class TrainConfig:
     tensorboard: bool = False
     threads: int | None = None
     amp: bool = False
+    grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         check_positive("train.threads", self.threads)
+        check_positive("train.grad_clip", self.grad_clip)
         check_positive("train.epochs", self.epochs)
         check_positive("train.batch_size", self.batch_size)
         check_positive("train.lr", self.lr)
@@ -144,16 +150,22 @@ def fit(
     rd: RunDir | None = None,
     resume: bool = False,
     dist: DistContext | None = None,
+    objective: Objective | None = None,
 ) -> list[EpochRecord]:
     """Train ``model`` in place on ``x [N,C,H,W]``, ``y [N]``; return one metric record per epoch
     (:class:`~marginlab.training.tracking.EpochRecord`, as ``metrics.jsonl`` holds them).
 
-    ``regularizers``: loss terms ``r(model, features, logits, y) -> scalar`` added to the mean
-    cross-entropy (their :meth:`~Regularizer.state_dict` is checkpointed). ``tracker``: measures margins
+    ``objective``: what each step minimises (its :meth:`~Objective.state_dict` is checkpointed); ``None``
+    is :class:`CrossEntropy` with ``regularizers``, loss terms ``r(model, features, logits, y) -> scalar``
+    added to the mean cross-entropy (give one or the other). ``tracker``: measures margins
     after every (tracked) epoch. ``rd``: the run directory for metrics, checkpoints and per-point margins
     (rank 0 writes; ``None`` keeps everything in memory).
     ``resume``: continue from ``rd``'s checkpoint if there is one (else start over).
     """
+    if objective is None:
+        objective = CrossEntropy(regularizers)
+    elif regularizers:
+        raise ValueError("fit: give the regularizers to the objective, not beside it")
     with torch_threads(cfg.threads):
         model.to(device)
         optimizer = torch.optim.SGD(
@@ -163,14 +175,14 @@ def fit(
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
         )
-        loop = _Loop(
-            cfg, model, optimizer, lr, device, dist or DistContext(), list(regularizers), tracker, rd
-        )
+        loop = _Loop(cfg, model, optimizer, lr, device, dist or DistContext(), objective, tracker, rd)
         loop.data_gen.manual_seed(seed)
         if loop.dist.rank > 0:  # independent dropout streams per rank; rank 0 matches a single process
             torch.manual_seed(seed + 1_000_003 * loop.dist.rank)
         if resume:
-            ckpt, records = restore_run(rd, model, optimizer, loop.data_gen, device, loop.dist, regularizers)
+            ckpt, records = restore_run(
+                rd, model, optimizer, loop.data_gen, device, loop.dist, objective=objective
+            )
             if ckpt is not None:
                 loop.epoch, loop.step = ckpt.epoch, ckpt.step
                 # the metrics.jsonl lines this loop wrote before the checkpoint, read back as JSON
@@ -213,6 +225,16 @@ def _numbers(obj: object, prefix: str = "") -> list[tuple[str, float]]:
     return [(prefix.rstrip("."), float(obj))]
 
 
+@torch.no_grad()
+def _tally(out: StepLoss, y: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """One step's contribution to the epoch sums, float64 ``[3 + len(names)]``: cross-entropy, objective,
+    correct predictions and each term, the means times the ``len(y)`` points of this rank."""
+    k = float(len(y))
+    correct = (out.logits.argmax(1) == y).sum()
+    parts = [out.ce * k, out.objective * k, correct, *(out.terms[name] * k for name in names)]
+    return torch.stack([p.detach().double() for p in parts])
+
+
 @dataclass
 class _Loop:
     """The state the epochs share; ``epoch`` is the last finished one (-1: nothing done yet)."""
@@ -223,7 +245,7 @@ class _Loop:
     lr: float
     device: torch.device
     dist: DistContext
-    regularizers: list[Regularizer]
+    objective: Objective
     tracker: MarginTracker | None
     rd: RunDir | None
     data_gen: torch.Generator = field(default_factory=torch.Generator)  # data order: explicit, checkpointed
@@ -247,18 +269,22 @@ class _Loop:
         bar = tqdm(total=self.cfg.epochs, initial=done, desc="epochs", unit="ep", disable=hide)
         try:
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 rec: EpochRecord = {"epoch": epoch}
                 if epoch > 0:
                     self.train_epoch(net, x, y, hide, rec)
                     self.step += -(-len(y) // self.cfg.batch_size)
                 rec["step"], rec["lr"] = self.step, self.lr
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
                 bound_s = self.track(epoch, rec)
                 check_finite(epoch, rec, self.model)
                 # wall-clock times live under one key that reproducibility checks ignore; track_s
                 # includes bound_s, the tracked bound's share (tracking.bound), when it was measured
-                rec["time"] = {"train_s": t1 - t0, "track_s": time.perf_counter() - t1}
+                rec["time"] = {
+                    "train_s": t1 - t0,
+                    "train_cpu_s": c1 - c0,
+                    "track_s": time.perf_counter() - t1,
+                }
                 if bound_s:
                     rec["time"]["bound_s"] = bound_s
                 self.records.append(rec)
@@ -278,36 +304,33 @@ class _Loop:
     def train_epoch(
         self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, hide: bool | None, rec: EpochRecord
     ) -> None:
-        """One seeded pass over ``x [N,C,H,W]``, ``y [N]``; adds the epoch's mean training loss, objective,
-        accuracy and (with regularizers) loss terms to ``rec``."""
+        """One seeded pass over ``x [N,C,H,W]``, ``y [N]``; adds the epoch's mean training loss (the clean
+        cross-entropy), objective, accuracy and (when the objective has any) loss terms to ``rec``."""
         net.train()
-        n, bs, dist, regs = len(y), self.cfg.batch_size, self.dist, self.regularizers
+        n, bs, dist, names = len(y), self.cfg.batch_size, self.dist, self.objective.term_names()
         perm = torch.randperm(n, generator=self.data_gen).to(x.device)
+        steps = -(-n // bs)
         # running sums over the epoch: cross-entropy, objective, correct predictions, each loss term
-        sums = torch.zeros(3 + len(regs), dtype=torch.float64, device=x.device)
-        for start in tqdm(range(0, n, bs), desc="batches", leave=False, disable=hide):
+        sums = torch.zeros(3 + len(names), dtype=torch.float64, device=x.device)
+        for i, start in enumerate(tqdm(range(0, n, bs), desc="batches", leave=False, disable=hide)):
             batch = perm[start : start + bs]
             lo, hi = dist.shard(len(batch))
             idx = batch[lo:hi]
+            at = StepInfo(self.epoch, self.step + i, steps, self.cfg.epochs, index=idx)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
-                feats, logits = net(x[idx])
-            feats, logits = feats.float(), logits.float()  # losses and regularizers in float32
-            if len(idx) == 0:  # more ranks than points in a last batch: join the all-reduce with zeros
-                loss = 0.0 * (feats.sum() + logits.sum())
-            else:
-                ce = F.cross_entropy(logits, y[idx])
-                terms = [r(self.model, feats, logits, y[idx]) for r in regs]
-                objective = ce + sum(terms, torch.zeros((), device=x.device))
-                # DDP averages gradients over ranks; weighting by this rank's share of the global batch
-                # makes that average the gradient of the mean loss over the whole batch.
-                loss = objective * (len(idx) * dist.world_size / len(batch))
-                with torch.no_grad():
-                    k = float(len(idx))
-                    correct = (logits.argmax(1) == y[idx]).sum()
-                    parts = [ce * k, objective * k, correct, *(t * k for t in terms)]
-                    sums += torch.stack([p.detach().double() for p in parts])
+                if len(idx) == 0:  # more ranks than points in a last batch: join the all-reduce with zeros
+                    feats, logits = net(x[idx])
+                    loss = 0.0 * (feats.float().sum() + logits.float().sum())
+                else:
+                    out = self.objective(net, self.model, x[idx], y[idx], at)
+                    # DDP averages gradients over ranks; weighting by this rank's share of the global
+                    # batch makes that average the gradient of the mean loss over the whole batch.
+                    loss = out.objective * (len(idx) * dist.world_size / len(batch))
+                    sums += _tally(out, y[idx], names)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.cfg.grad_clip is not None:  # after DDP's all-reduce: every rank clips the same gradient
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
         sums = dist.all_reduce_sum(sums).cpu() / n
         if not torch.isfinite(sums[1]):
@@ -317,8 +340,8 @@ class _Loop:
         rec["train_loss_epoch"] = float(sums[0])
         rec["train_objective_epoch"] = float(sums[1])
         rec["train_acc_epoch"] = float(sums[2])
-        if regs:
-            rec["regularizers_epoch"] = {r.name: float(sums[3 + i]) for i, r in enumerate(regs)}
+        if names:
+            rec["regularizers_epoch"] = {name: float(sums[3 + i]) for i, name in enumerate(names)}
 
     def track(self, epoch: int, rec: EpochRecord) -> float:
         """Measure margins into ``rec`` (and keep the per-point margins) when this epoch is tracked;
@@ -338,13 +361,14 @@ class _Loop:
         if self.rd is None:
             return
         rngs = cast(list[RngState], self.dist.gather_objects(capture_rng(self.data_gen, self.device)))
+        objective_states = cast(list[ObjectiveState], self.dist.gather_objects(self.objective.state_dict()))
         if not self.dist.is_main:
             return
         # Order matters for kill-safety: the metrics line first, then the checkpoint. A kill in between
         # leaves a line past the checkpoint, which resume drops before redoing the epoch identically.
         self.rd.log_metrics(rec)
         state = TrainingState.capture(
-            self.epoch, self.step, self.model, self.optimizer, rngs, self.regularizers
+            self.epoch, self.step, self.model, self.optimizer, rngs, objective=objective_states
         )
         save_checkpoint(self.rd.checkpoint, state)
         if writer is not None:

@@ -7,8 +7,8 @@ figures and the report. A JSON file holds ``null`` where a statistic was not fin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, Required, TypedDict, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Required, TypedDict, cast
 
 import torch
 
@@ -130,3 +130,17 @@ def recorded_kind(
                 kind = m.get("kind")
                 return None if kind is None else str(kind)
     return None
+
+
+def training_seconds(records: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
+    """Wall and CPU seconds of training summed over the epochs of ``metrics.jsonl`` records
+    (``time.train_s`` and ``time.train_cpu_s``; margin tracking is timed apart and left out). ``None``
+    where a record lacks the time (an older run, or one from before CPU time was measured)."""
+    times = [r.get("time") or {} for r in records if int(r.get("epoch", 0)) > 0]
+
+    def total(key: str) -> float | None:
+        values = [t.get(key) for t in times]
+        numbers = [float(v) for v in values if isinstance(v, int | float)]
+        return sum(numbers) if numbers and len(numbers) == len(values) else None
+
+    return total("train_s"), total("train_cpu_s")
