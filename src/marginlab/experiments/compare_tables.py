@@ -22,7 +22,7 @@ from marginlab.base.tables import csv_text, format_cell, markdown_table
 from marginlab.experiments.compare_config import Config
 from marginlab.experiments.compare_results import POINT_STATS, Row, collect, metric_key
 from marginlab.experiments.compare_sidebyside import side_by_side
-from marginlab.lab.names import SWEEP_CSV, TABLE_CSV, TABLE_MD
+from marginlab.lab.names import ROBUSTNESS, SWEEP_CSV, TABLE_CSV, TABLE_MD
 
 # fmt: off
 HEADLINE = ["base", "model", "dataset", "recipe", "seeds", "epochs", "lr", "clean_acc", "margin_estimator",
@@ -154,9 +154,14 @@ def _certified_note(certify: str | None) -> str:
     """The sentence of :func:`notes` on the ``certified`` columns."""
     if certify in (None, "off"):
         return "No certificates (`certified` empty)."
-    by = "CROWN where bound propagation supports the model" if certify == "auto" else certify
+    by = (
+        "CROWN over the R^d ball, sound for the box, with interval bounds on the hidden layers of "
+        "convolutional nets, where bound propagation supports the model"
+        if certify == "auto"
+        else f"{certify}, in the domain each model's {ROBUSTNESS} records"
+    )
     return (
-        f"`certified`: share of points whose certified margin lower bound ({by}, box domain) is at least "
+        f"`certified`: share of points whose certified margin lower bound ({by}) is at least "
         "eps, a lower bound; the true robust accuracy lies between `certified` and `worst`. No attack "
         "runs on a certified point."
     )
