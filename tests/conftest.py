@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import signal
 import struct
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def tiny_train_toml(
     """The text of a tiny ``train`` config (see :data:`TINY_TRAIN`); ``n_train=None``: the whole split."""
     line = "" if n_train is None else f"n_train = {n_train}\n"
     return TINY_TRAIN.format(seed=seed, n_train_line=line, width=width, epochs=epochs, lr=lr)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child the test will Ctrl-C: SIGINT back to its default, so that Python installs
+    its KeyboardInterrupt handler. A shell that starts the test suite as a background job (``cmd &``)
+    ignores SIGINT, and an ignored signal stays ignored in every child (Python then never sees Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error, one_line_error, tiny_train_toml, write_text
+from conftest import cli_error, default_sigint, one_line_error, tiny_train_toml, write_text
 from marginlab.cli import main
 from marginlab.lab.runs import CHECKPOINT, METRICS, PROVENANCE, SUMMARY, margins_files, subrun_dir
 from marginlab.training.checkpoint import load_checkpoint
@@ -50,6 +50,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "marginlab", *args], cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,  # Ctrl-C reaches it even when the suite runs in the background
     )  # fmt: skip
 
 

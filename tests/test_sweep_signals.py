@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_train_toml, without_log_lines
+from conftest import default_sigint, tiny_train_toml, without_log_lines
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -87,6 +87,7 @@ def start_sweep(config: Path, out: Path, seeds: str) -> subprocess.Popen[str]:
         [*cmd, "--jobs", "2", "--out", str(out)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, as a shell gives a foreground job
+        preexec_fn=default_sigint,  # Ctrl-C reaches it even when the suite runs in the background
     )  # fmt: skip
 
 
