@@ -30,10 +30,7 @@ from typing import Any
 import torch
 
 from marginlab.base.config import parse_key_values
-from marginlab.data import load_points
-from marginlab.lab.names import WEIGHTS
-from marginlab.lab.readers import read_config
-from marginlab.nets.loading import load_model
+from marginlab.experiments.compare import load_subrun
 from marginlab.robustness import RobustnessResult, robust_accuracy
 
 RUNS = {
@@ -45,18 +42,8 @@ RUNS = {
 
 def load(run: Path, n: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The model of a sub-run directory and ``n`` fixed test points of its dataset."""
-    cfg = read_config(run)
-    data = cfg.get("data", {})
-    test, _ = load_points(data.get("dataset", "mnist"), "test", n=n, seed=seed, data_dir=data.get("data_dir"))
-    model_cfg = cfg.get("model", {})
-    loaded = load_model(
-        model_cfg.get("name", "mnist-mlp"),
-        run / WEIGHTS,
-        num_classes=test.num_classes,
-        input_shape=test.input_shape,
-        options=model_cfg.get("options"),
-    )
-    return loaded.model.eval(), test.x, test.y
+    model, test, _ = load_subrun(run, n, seed)
+    return model, test.x, test.y
 
 
 def timed(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], **kw: Any) -> tuple:

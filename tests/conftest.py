@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import re
 import signal
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,6 +48,25 @@ def tiny_train_toml(
     """The text of a tiny ``train`` config (see :data:`TINY_TRAIN`); ``n_train=None``: the whole split."""
     line = "" if n_train is None else f"n_train = {n_train}\n"
     return TINY_TRAIN.format(seed=seed, n_train_line=line, width=width, epochs=epochs, lr=lr)
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_when_saving_epoch` in place of a checkpoint write."""
+
+
+def crash_when_saving_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> Callable[[], None]:
+    """Make the training loop crash (:class:`Crash`) when it saves the checkpoint of ``epoch``, as a kill
+    at that moment would; returns the function that puts the real save back."""
+    loop = importlib.import_module("marginlab.training.loop")
+    real_save = loop.save_checkpoint
+
+    def save(path: Any, state: Any) -> None:
+        if state.epoch == epoch:
+            raise Crash
+        real_save(path, state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    return lambda: monkeypatch.setattr(loop, "save_checkpoint", real_save)
 
 
 def default_sigint() -> None:

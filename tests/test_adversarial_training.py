@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import marginlab.training.loop
-from conftest import tiny_train_toml, write_text
+from conftest import Crash, crash_when_saving_epoch, tiny_train_toml, write_text
 from marginlab.base.fsio import read_jsonl
 from marginlab.cli import main
 from marginlab.core.norms import Norm
@@ -105,10 +104,6 @@ def test_pgd_at_with_zero_eps_is_standard_training_bit_for_bit():
     assert not torch.equal(other.head.weight, std.head.weight)
 
 
-class _Crash(Exception):
-    pass
-
-
 def _fit(rd: RunDir, objective: Objective, *, resume: bool = False) -> None:
     ds = load_dataset("digits", "train", n=96, seed=0)
     cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, device="cpu", progress=False, threads=1)
@@ -126,18 +121,11 @@ def test_killed_adversarial_run_resumes_bit_for_bit(tmp_path: Path, monkeypatch,
     whose random-start generator comes back from the checkpoint."""
     ref = RunDir.create(tmp_path / "ref", {"kind": "x"})
     _fit(ref, _adversarial(recipe))
-    real_save = marginlab.training.loop.save_checkpoint
-
-    def save(path, state):
-        if state.epoch == 2:
-            raise _Crash
-        real_save(path, state)
-
-    monkeypatch.setattr(marginlab.training.loop, "save_checkpoint", save)
+    restore = crash_when_saving_epoch(monkeypatch, 2)
     run = RunDir.create(tmp_path / "killed", {"kind": "x"})
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _fit(run, _adversarial(recipe))
-    monkeypatch.setattr(marginlab.training.loop, "save_checkpoint", real_save)
+    restore()
     assert load_checkpoint(run.checkpoint).epoch == 1
     _fit(run, _adversarial(recipe), resume=True)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import marginlab.training.loop
-from conftest import one_line_error, tiny_train_toml, write_text
+from conftest import Crash, crash_when_saving_epoch, one_line_error, tiny_train_toml, write_text
 from marginlab.base.errors import ConfigError
 from marginlab.base.fsio import read_jsonl
 from marginlab.cli import main
@@ -134,10 +133,6 @@ def test_loop_calls_the_objective_with_step_info_and_logs_its_terms():
         )
 
 
-class _Crash(Exception):
-    pass
-
-
 def _fit(rd: RunDir, *, resume: bool = False) -> None:
     """Two epochs of a stateful recipe: orthogonality every 3rd step with probes (a step counter and a
     probe generator that resume must restore)."""
@@ -154,18 +149,11 @@ def test_checkpoint_of_the_old_layout_resumes_bit_for_bit(tmp_path: Path, monkey
     no objective states) resumes into the cross-entropy objective exactly."""
     ref = RunDir.create(tmp_path / "ref", {"kind": "x"})
     _fit(ref)
-    real_save = marginlab.training.loop.save_checkpoint
-
-    def save(path, state):
-        if state.epoch == 2:
-            raise _Crash
-        real_save(path, state)
-
-    monkeypatch.setattr(marginlab.training.loop, "save_checkpoint", save)
+    restore = crash_when_saving_epoch(monkeypatch, 2)
     run = RunDir.create(tmp_path / "old", {"kind": "x"})
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _fit(run)
-    monkeypatch.setattr(marginlab.training.loop, "save_checkpoint", real_save)
+    restore()
     state = load_checkpoint(run.checkpoint)
     assert state.objective is not None and state.regularizers is None
     (own,) = state.objective

@@ -32,6 +32,7 @@ from marginlab.base.distributed import is_main_process
 from marginlab.base.errors import ConfigError, MarginlabError
 from marginlab.base.seed import torch_threads
 from marginlab.data import load_dataset, load_points
+from marginlab.data.base import Dataset
 from marginlab.experiments.compare_config import BaseConfig, Config, RobustnessConfig, subrun_config
 from marginlab.experiments.compare_results import collect
 from marginlab.experiments.compare_tables import write_tables
@@ -158,15 +159,13 @@ def check_bases(cfg: Config) -> None:
             raise
 
 
-def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> None:
-    """Robustness of a finished sub-run's model on the fixed test subset into ``robustness.json``."""
-    out = path / ROBUSTNESS
-    if out.is_file():
-        return
+def load_subrun(path: Path, n: int, seed: int) -> tuple[torch.nn.Module, Dataset, torch.Tensor]:
+    """The trained model of the sub-run ``path`` (its ``config.json`` and weights, in eval mode) and
+    ``n`` fixed test points of its dataset drawn with ``seed``: ``(model, points, index [n])``."""
     tcfg = read_config(path)
     data = tcfg.get("data", {})
     test, index = load_points(
-        data.get("dataset", "mnist"), "test", n=rc.n, seed=rc.seed, data_dir=data.get("data_dir")
+        data.get("dataset", "mnist"), "test", n=n, seed=seed, data_dir=data.get("data_dir")
     )
     model_cfg = tcfg.get("model", {})
     loaded = load_model(
@@ -176,9 +175,18 @@ def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> None:
         input_shape=test.input_shape,
         options=model_cfg.get("options"),
     )
+    return loaded.model.eval(), test, index
+
+
+def evaluate_subrun(path: Path, base: BaseConfig, rc: RobustnessConfig) -> None:
+    """Robustness of a finished sub-run's model on the fixed test subset into ``robustness.json``."""
+    out = path / ROBUSTNESS
+    if out.is_file():
+        return
+    model, test, index = load_subrun(path, rc.n, rc.seed)
     ref = base.reference_eps
     log.info("evaluating robustness of %s at eps %s", path, rc.eps_for(ref))
-    result = robust_accuracy(loaded.model, test.x, test.y, rc.eps_for(ref), rc.settings_for(ref), index=index)
+    result = robust_accuracy(model, test.x, test.y, rc.eps_for(ref), rc.settings_for(ref), index=index)
     result.save(out, reference_eps=ref)
 
 
