@@ -128,3 +128,15 @@ def margin_values(*args, **kwargs) -> dict[str, torch.Tensor]:
     from marginlab.estimators import estimate_margins
 
     return {name: r.values for name, r in estimate_margins(*args, **kwargs).items()}
+
+
+def untrained_mlp_weights(folder: Path, widths: tuple[int, ...] = (16,)) -> Path:
+    """A seeded, untrained ``mlp`` for the 8x8 digits saved as a state dict in ``folder``: enough for the
+    commands whose errors, not margins, a test is about."""
+    from marginlab.nets.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=10, input_shape=(1, 8, 8), widths=widths)
+    path = folder / "mlp.pt"
+    torch.save(model.state_dict(), path)
+    return path

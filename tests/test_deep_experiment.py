@@ -112,6 +112,17 @@ def test_figures_are_redrawn_from_files_alone(run_dir):
 QUICK_RATES = {"mnist-mlp-quick": 0.1}
 
 
+def test_long_cnn_preset_tracks_on_the_log_grid():
+    """configs/mnist-cnn-long.toml: 20,000 reference-rate SGD steps on 500 images, tracked on log steps."""
+    kind, cfg = build_config(load_config(CONFIGS / "mnist-cnn-long.toml"))
+    assert kind == "train" and cfg.lr == 0.01 and cfg.train.momentum == 0.9 and cfg.train.nesterov
+    steps_per_epoch = -(-cfg.data.n_train // cfg.train.batch_size)
+    assert cfg.train.epochs * steps_per_epoch >= 20_000 and cfg.model.options == {"init": "kaiming"}
+    last = cfg.train.epochs
+    tracked = [e for e in range(last + 1) if cfg.tracking.tracks(e, last, steps_per_epoch)]
+    assert cfg.tracking.every == "log" and len(tracked) < 60  # tracking stays cheap over 1,250 epochs
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*-quick.toml")) + sorted(CONFIGS.glob("*-medium.toml"))
                          + sorted(CONFIGS.glob("*-full.toml")), ids=lambda p: p.stem)  # fmt: skip
 def test_presets_are_valid(path):

@@ -14,13 +14,13 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
+from conftest import untrained_mlp_weights
 from marginlab.base.errors import ConfigError
 from marginlab.base.fsio import to_jsonable
 from marginlab.cli import main
 from marginlab.core.linear import linear_margins
 from marginlab.core.norms import Norm
 from marginlab.estimators import build_estimator, norm_order
-from marginlab.nets.models import build_model
 from marginlab.plots.common import norm_name
 from marginlab.robustness import NORMS, RobustnessSettings, normalize_norm
 from marginlab.training.tracking import TrackingConfig
@@ -175,11 +175,7 @@ def test_deprecated_aliases_delegate_and_warn() -> None:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small untrained MLP on the bundled digits (8x8), saved as a state_dict."""
-    torch.manual_seed(0)
-    model = build_model("mlp", num_classes=10, input_shape=(1, 8, 8), widths=(8,))
-    path = tmp_path_factory.mktemp("w") / "mlp.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    return untrained_mlp_weights(tmp_path_factory.mktemp("w"), (8,))
 
 
 def _margins(out: Path, weights: Path, norm: str) -> dict:

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import margin_values, tiny_train_toml, write_text
+from conftest import margin_values, tiny_train_toml, untrained_mlp_weights, write_text
 from marginlab.base.config import from_dict
 from marginlab.base.errors import ConfigError
 from marginlab.base.seed import MAX_SEED, check_seed, seed_everything
 from marginlab.cli import main
 from marginlab.estimators import build_estimator
 from marginlab.estimators.base import validate_params
-from marginlab.nets.models import build_model
 from marginlab.robustness.attacks import RobustnessSettings
 from marginlab.training.tracking import TrackingConfig
 
@@ -34,11 +33,7 @@ ERROR_LINE = re.compile(r"^marginlab( [a-z]+)?: error: ")
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """An (untrained) 64-16-10 MLP for 8x8 digits: only the errors matter here, not the margins."""
-    torch.manual_seed(0)
-    model = build_model("mlp", num_classes=10, input_shape=(1, 8, 8), widths=(16,))
-    path = tmp_path_factory.mktemp("w") / "mlp.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    return untrained_mlp_weights(tmp_path_factory.mktemp("w"), (16,))
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -100,7 +95,7 @@ BAD_FLAGS = [
     (["--seed", HUGE], "--seed"),  # was an overflow traceback in torch.Generator.manual_seed
     (["--seed", str(MAX_SEED + 1)], "--seed"),
     (["--batch-size", HUGE], "--batch-size"),  # was an overflow traceback in Tensor.split
-    (["--n", HUGE], "only"),
+    (["--n", HUGE], "--n"),  # beyond 64 bits: refused when parsed
 ]
 ROBUSTNESS_FLAGS = [
     (["--steps", "-1"], "steps"),

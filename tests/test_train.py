@@ -171,6 +171,24 @@ def test_divergence_is_a_clear_error(digits):
         fit(_model(), x * 1e20, y, cfg, lr=1e30, seed=0, device=CPU)
 
 
+def test_collapse_is_told_apart_from_divergence(digits):
+    """A net whose ReLUs are all dead has finite loss and weights but 0/0 first-order margins: the error
+    says it collapsed (not that it diverged), in one line."""
+    x, y = digits
+    model = _model()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m is not model.head:
+                m.weight.zero_()
+                m.bias.fill_(-1.0)  # every hidden unit is negative before its ReLU: constant logits
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, device="cpu", progress=False, threads=1)
+    tracker = MarginTracker(TrackingConfig(n_train=20, n_test=20), {"train": (x, y), "test": (x, y)},
+                            seed=0, device=CPU)  # fmt: skip
+    with pytest.raises(ConfigError, match="collapsed at epoch 0") as e:
+        fit(model, x, y, cfg, lr=1e-3, seed=0, device=CPU, tracker=tracker)
+    assert "\n" not in str(e.value) and "diverged" not in str(e.value)
+
+
 class _FakeWriter:
     def __init__(self) -> None:
         self.scalars: dict[str, tuple[float, int]] = {}

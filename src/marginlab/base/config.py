@@ -42,14 +42,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"malformed TOML in {path}: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"config file {path} nests arrays or tables too deeply") from None
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value as TOML (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"s"``), else a string."""
+    """Parse an override value as TOML (``3``, ``1e-3``, ``true``, ``[1, 2]``, ``"s"``), else a string;
+    arrays nested beyond Python's recursion limit raise :class:`ConfigError`."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:  # "[[[[...": no value is nested that deeply
+        raise ConfigError(f"value {text[:20]!r}... nests arrays or tables too deeply") from None
 
 
 def split_key_value(item: str, what: str = "override", form: str = "key.sub=value") -> tuple[str, str]:
@@ -183,7 +188,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
         return value
-    if isinstance(tp, type) and issubclass(tp, dict):
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, dict)):  # dict and dict[str, ...]
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} must be a table, got {value!r}")
         return value

@@ -8,13 +8,16 @@ ignores a torn last line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import errno
+import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,22 +52,36 @@ def _atomic_file(path: Path, mode: str) -> Iterator[IO[Any]]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise disk_error(path, e) from None
+    # The temporary name is chosen before the file exists (not by mkstemp), so that an exception at any
+    # moment after its creation, a Ctrl-C (KeyboardInterrupt) or SIGTERM included, removes it: mkstemp
+    # returns the name only after creating the file, and an interrupt in between left it behind.
+    tmp = _temp_name(path)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.fchmod(fd, 0o644)  # results are meant to be shared, whatever the umask
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, FileExistsError):  # (that one: another writer's file, by a 2^-32 chance)
+            with contextlib.suppress(OSError):  # e.g. a name too long: there is no file to remove
+                tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and is_disk_error(e):
             raise disk_error(path, e) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _temp_name(path: Path) -> Path:
+    """A fresh temporary name beside ``path``: ``.<name>.<random>.tmp`` (:data:`TMP_SUFFIX`)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        if not os.path.lexists(tmp):
+            return tmp
 
 
 def is_disk_error(e: BaseException) -> bool:
@@ -169,9 +186,13 @@ def atomic_write_json(path: str | Path, obj: object) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    """The JSON value in ``path`` (untyped: callers check its shape)."""
+    """The JSON value in ``path`` (untyped: callers check its shape). JSON nested too deeply for the
+    parser's recursion is ``ValueError``, like any other invalid JSON (marginlab writes none so deep)."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except RecursionError:
+            raise ValueError(f"{path} is nested too deeply") from None
 
 
 def append_jsonl(path: str | Path, record: object) -> None:
@@ -214,6 +235,8 @@ def read_jsonl(path: str | Path) -> list[Any]:
             if i == len(lines) - 1:
                 break
             raise ValueError(f"{path} line {i + 1} is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path} line {i + 1} is nested too deeply") from None
     return records
 
 
@@ -222,14 +245,29 @@ def write_jsonl(path: str | Path, records: Sequence[object]) -> None:
     atomic_write_text(path, "".join(dumps(r, indent=None) + "\n" for r in records))
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks): which code or weights a result came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file of a run directory; a damaged file raises :class:`RunDirError`."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {key: z[key] for key in z.files}
-    except (OSError, ValueError, EOFError, KeyError) as e:
+            arrays = {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zlib.error) as e:
         raise RunDirError(f"{path} is corrupt ({type(e).__name__}); delete it or rerun") from None
     except Exception as e:  # zipfile raises BadZipFile and friends for a damaged archive
         if type(e).__module__ == "zipfile":
             raise RunDirError(f"{path} is corrupt ({type(e).__name__}); delete it or rerun") from None
         raise
+    # marginlab writes real numbers, integers, flags and short labels only: complex numbers, bytes or
+    # anything else are damage (and would fail far from here, e.g. in a histogram)
+    odd = next((k for k, a in arrays.items() if a.dtype.kind not in "fiubU"), None)
+    if odd is not None:
+        raise RunDirError(f"{path} is corrupt (array {odd!r} is {arrays[odd].dtype}); delete it or rerun")
+    return arrays

@@ -5,6 +5,8 @@
   axis; flattened ``[N, D]`` inputs are refused unless an ``input_shape`` says how to unflatten them;
   integer images (0-255) are refused with the fix;
 - labels: integers ``[N]`` (numpy, lists and integral floats accepted), within the model's classes;
+- models whose logits are NaN or infinite on any point are refused, naming how many points: a NaN logit
+  makes every margin +inf and every attack fail, so the numbers would look like results;
 - models that output probabilities (rows in [0, 1] summing to 1) are refused: every margin and attack
   here is defined on logits, and a softmax output makes them silently wrong (about 10x too small margins,
   saturated cross-entropy);
@@ -67,9 +69,11 @@ def prepare_inputs(
 
 
 def check_model_outputs(logits: Tensor, y: Tensor, tol: float = 1e-5) -> None:
-    """Refuse probability outputs and labels outside the model's classes (``logits [N, K]``, ``y [N]``)."""
+    """Refuse non-finite logits, probability outputs and labels outside the model's classes
+    (``logits [N, K]`` of every point evaluated, ``y [N]``): the one check of what a model outputs."""
     if logits.ndim != 2:
         raise ConfigError(f"the model must return logits [N, K], got shape {tuple(logits.shape)}")
+    check_finite_logits(logits)
     k = logits.shape[1]
     if int(y.min()) < 0 or int(y.max()) >= k:
         raise ConfigError(f"labels must lie in [0, {k - 1}] for this {k}-class model")
@@ -78,6 +82,20 @@ def check_model_outputs(logits: Tensor, y: Tensor, tol: float = 1e-5) -> None:
         raise ConfigError(
             "the model outputs probabilities (rows in [0, 1] summing to 1), not logits: remove its final "
             "softmax; margins and attacks are defined on logits"
+        )
+
+
+def check_finite_logits(logits: Tensor) -> None:
+    """Refuse logits ``[N, K]`` that are NaN or infinite on any point, naming how many points gave them.
+
+    Every margin, attack and accuracy compares logits: with a NaN among them no attack ever succeeds and
+    every margin is +inf, so a broken model (NaN weights from the checkpoint, a normalisation that
+    overflows, code that divides by zero) would pass as a perfectly robust one."""
+    bad = int((~torch.isfinite(logits)).flatten(1).any(1).sum()) if logits.numel() else 0
+    if bad:
+        raise ConfigError(
+            f"the model's logits are not finite (NaN or inf) on {bad} of {len(logits)} points; "
+            "check its weights, its input normalisation (--preprocess) and its code"
         )
 
 

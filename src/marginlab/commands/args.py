@@ -7,12 +7,13 @@ One parser per kind of value, so that every command accepts the same spellings (
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
 from marginlab.base.config import INT_LIMIT, from_dict, parse_key_values
 from marginlab.base.errors import ConfigError
-from marginlab.base.seed import check_seed
+from marginlab.base.seed import check_seed, usable_threads
 from marginlab.data import load_points
 from marginlab.lab.launchers import SlurmConfig, check_launcher
 from marginlab.nets.loading import load_model
@@ -31,10 +32,18 @@ def parse_names(text: str, what: str) -> list[str]:
     return names
 
 
+def _short(text: str, n: int = 40) -> str:
+    """``text`` cut to ``n`` characters for an error line (a 5,000-digit index or path stays readable)."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
 def parse_indices(text: str) -> list[int]:
-    """``"3,17,42"`` or a file of integers (one per line, or separated by commas / spaces)."""
+    """``"3,17,42"`` or a file of integers (one per line, or separated by commas / spaces); no integer
+    at all (``""``, ``",,"``) and integers beyond 64 bits are one-line errors."""
     path = Path(text)
-    if path.is_file():
+    # os.path.isfile, not Path.is_file: a long list "0,1,...,199" is no file name, and Path.is_file
+    # would raise ENAMETOOLONG on it
+    if os.path.isfile(text):
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
@@ -42,11 +51,14 @@ def parse_indices(text: str) -> list[int]:
     out = []
     for item in text.replace(",", " ").split():
         try:
-            out.append(int(item))
+            value = int(item)
         except ValueError:
             raise ConfigError(
-                f"bad index {item!r}: give integers, e.g. --indices 3,17,42 or a file"
+                f"bad index {_short(item)!r}: give integers, e.g. --indices 3,17,42 or a file"
             ) from None
+        if not -INT_LIMIT < value < INT_LIMIT:  # torch would overflow converting it, deep inside
+            raise ConfigError(f"index {_short(item)} is out of range (indices must fit in 64 bits)")
+        out.append(value)
     if not out:
         raise ConfigError("--indices names no point")
     return out
@@ -93,7 +105,7 @@ def add_points_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"], help="which split (default test)")
     p.add_argument(
         "--n",
-        type=int,
+        type=int_arg,
         help=f"points drawn from the split with --seed (default {DEFAULT_N}, or all if fewer)",
     )
     p.add_argument("--all", action="store_true", help="use every point of the split (ignores --n)")
@@ -148,7 +160,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, A
     if args.weights is not None and not Path(args.weights).is_file():
         raise ConfigError(f"weights file {args.weights} not found")
     n = None if args.all else DEFAULT_N if args.n is None else args.n
-    indices = parse_indices(args.indices) if args.indices else None
+    indices = parse_indices(args.indices) if args.indices is not None else None  # '' names no point
     if indices is not None and (args.n is not None or args.all):
         raise ConfigError("--indices chooses the points itself; give no --n or --all with it")
     data, index = load_points(
@@ -167,23 +179,65 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, A
     return loaded.model, data, index, loaded.record
 
 
+# Room left under PATH_MAX for what the commands write inside ``--out`` (``figures/.NAME.png.XXXX.tmp``).
+_INSIDE = 64
+
+
+def _path_limit(path: Path, name: str, default: int) -> int:
+    """``os.pathconf`` of the nearest existing ancestor of ``path`` (``name``: PC_NAME_MAX, PC_PATH_MAX)."""
+    anchor = path.absolute()
+    # os.path.isdir, not Path.exists: that raises ENAMETOOLONG on the very paths checked here
+    while not os.path.isdir(anchor) and anchor != anchor.parent:
+        anchor = anchor.parent
+    try:
+        return int(os.pathconf(anchor, name))
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no limit: POSIX's usual
+        return default
+
+
+def check_path_length(path: Path, what: str) -> None:
+    """Refuse a ``path`` the filesystem cannot hold, in one line naming the limit: a name of more than
+    NAME_MAX bytes (255 on most filesystems) or a path (with room for the files written inside it)
+    of PATH_MAX bytes (4096 on Linux) or more. Checked when the arguments are parsed, so that the
+    error comes before any work, not as ``OSError: [Errno 36]`` when the results are written."""
+    name_max = _path_limit(path, "PC_NAME_MAX", 255)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise ConfigError(
+                f"{what}: the name {_short(part)!r} is {size} bytes; the filesystem allows {name_max} "
+                "(NAME_MAX)"
+            )
+    path_max = _path_limit(path, "PC_PATH_MAX", 4096)
+    size = len(os.fsencode(path.absolute()))
+    if size + _INSIDE >= path_max:
+        raise ConfigError(
+            f"{what} {_short(str(path))!r}: the path is {size} bytes; with the files written inside it "
+            f"it must stay under {path_max - _INSIDE} (PATH_MAX {path_max})"
+        )
+
+
 def check_out_dir(text: str) -> Path:
-    """``--out``: a directory (made when the results are written); refuse an existing file."""
+    """``--out``: a directory (made when the results are written); refuse an existing file and a path
+    too long for the filesystem (:func:`check_path_length`)."""
     out = Path(text)
+    check_path_length(out, "--out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
     return out
 
 
 def set_threads(threads: int | None) -> None:
-    """``--threads``: how many CPU threads torch may use (``None``: leave torch's default)."""
+    """``--threads``: how many CPU threads torch may use (``None``: leave torch's default). More than the
+    machine's cores are clamped to them with a warning (:func:`marginlab.base.seed.usable_threads`):
+    torch would otherwise crash starting them."""
     if threads is None:
         return
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(usable_threads(threads, "--threads"))
 
 
 _SLURM_FLAGS = ("partition", "time", "gpus_per_task", "cpus_per_task", "mem", "array_parallelism", "poll_s")

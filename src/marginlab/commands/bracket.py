@@ -20,6 +20,7 @@ from marginlab.core.predict import predict_labels
 from marginlab.estimators.bracket import PARAMS, compute_bracket, summary
 from marginlab.lab.margins_table import extra_column, margin_column, table_path, write_table
 from marginlab.lab.names import BRACKET_FIGURE, MARGINS_SUMMARY
+from marginlab.lab.outputs import written_by
 from marginlab.plots.bracket import plot_bracket
 
 
@@ -84,7 +85,7 @@ def bracket_main(args: argparse.Namespace, names: list[str], out: Path, norm: No
     info["kinds"] = {"crown": "lower bound", "best": "upper bound", "mip": "exact"}
     if len(loaded) > 3:  # what was loaded (spec, weights, preprocessing), where the loader reports it
         info["loaded_model"] = loaded[3]
-    atomic_write_json(out / MARGINS_SUMMARY, {**info, "bracket": summary(b)})
+    atomic_write_json(out / MARGINS_SUMMARY, {**written_by("margins"), **info, "bracket": summary(b)})
     s = summary(b)
     print(f"bracket ratio best/crown: median {s['ratio_median']}  p90 {s['ratio_p90']}  (n={s['n']})")
     print(f"wrote {table}, {out / MARGINS_SUMMARY} and {figure}")

@@ -49,7 +49,8 @@ from marginlab.estimators import ESTIMATORS, MarginResult, estimate_margins
 from marginlab.estimators.base import NORM_ERROR, NORMS, validate_params
 from marginlab.estimators.best import with_domain
 from marginlab.lab.margins_table import check_format, extra_column, margin_column, table_path, write_table
-from marginlab.lab.names import MARGINS_ARRAYS, MARGINS_SUMMARY, MARGINS_TABLE, WEIGHTS
+from marginlab.lab.names import BRACKET_FIGURE, MARGINS_ARRAYS, MARGINS_SUMMARY, MARGINS_TABLE, WEIGHTS
+from marginlab.lab.outputs import writing_into, written_by
 from marginlab.training.records import MarginSummary, margin_summary
 
 FORMATS = ("csv", "parquet")
@@ -155,11 +156,29 @@ def main(args: argparse.Namespace) -> int:
     norm = Norm.parse(args.norm, NORMS, error=NORM_ERROR)  # what summary.json records: L2 or Linf
     set_threads(args.threads)
     args.domain = None if args.domain is None else parse_domain(args.domain)  # a typo fails here, in one line
-    if "bracket" in names:  # not an estimator: crown vs best (and mip) per point, with a figure
-        return bracket_main(args, names, out, norm)
-    for name in names:
-        ESTIMATORS.get(name)
-    params = _parse_params(args.param, names, args.domain)
+    files = [table_path(out, args.format).name, MARGINS_SUMMARY]
+    files += [BRACKET_FIGURE] if "bracket" in names else [MARGINS_ARRAYS] if args.save_arrays else []
+    if "bracket" not in names:
+        for name in names:
+            ESTIMATORS.get(name)
+        params = _parse_params(args.param, names, args.domain)
+    # never over a run's summary.json or into a run directory itself; under its lock inside one
+    with writing_into(out, "margins", files, anchor=MARGINS_SUMMARY, legacy=is_legacy_summary):
+        if "bracket" in names:  # not an estimator: crown vs best (and mip) per point, with a figure
+            return bracket_main(args, names, out, norm)
+        return _margins(args, names, out, norm, params)
+
+
+def is_legacy_summary(raw: dict[str, Any]) -> bool:
+    """Whether a ``summary.json`` without ``written_by`` is ``marginlab margins``' own: a run's summary
+    has ``kind``; the command's has per-estimator statistics (or, with ``bracket``, the bracket's)."""
+    return "kind" not in raw and ("estimators" in raw or "bracket" in raw)
+
+
+def _margins(
+    args: argparse.Namespace, names: list[str], out: Path, norm: Norm, params: dict[str, dict[str, Any]]
+) -> int:
+    """The estimators' part of :func:`main`, once the inputs are checked and ``out`` is claimed."""
     model, data, index, loaded = load_from_args(args)
     results = estimate_margins(
         model, data.x, data.y, names, p=norm, batch_size=args.batch_size, params=params
@@ -176,10 +195,12 @@ def main(args: argparse.Namespace) -> int:
     write_table(table_path(out, args.format), columns)
     summary = _summary(args, norm, results, float((pred == data.y).double().mean()))
     summary["loaded_model"] = loaded  # spec, weights, key mapping, preprocessing
-    atomic_write_json(out / MARGINS_SUMMARY, summary)
-    written = [table_path(out, args.format), out / MARGINS_SUMMARY]
+    written = [table_path(out, args.format)]
     if args.save_arrays:
         written.append(_save_arrays(out, index.numpy(), results))
+    # the summary last: it says whose the files beside it are (marginlab.lab.outputs)
+    atomic_write_json(out / MARGINS_SUMMARY, {**written_by("margins"), **summary})
+    written.append(out / MARGINS_SUMMARY)
     for name in names:
         s = summary["estimators"][name]
         label = margin_column(name, s["domain"])

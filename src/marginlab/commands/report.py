@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from marginlab.lab.names import REPORT_HTML, REPORT_MD
-from marginlab.report import write_report
+from marginlab.lab.outputs import output_lock
+from marginlab.report import default_out_dir, write_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +26,10 @@ def main(args: argparse.Namespace) -> int:
     """``marginlab report``: write the HTML and Markdown report of the run directories.
 
     Returns the exit status."""
-    html_path, md_path = write_report(args.run_dirs, args.out, args.title)
+    out = Path(args.out) if args.out is not None else default_out_dir(args.run_dirs)
+    # report.html / report.md / report-figures are only ever the report's own files; inside a run or
+    # sweep directory (the default: the directory given) it writes under that directory's lock
+    with output_lock(out):
+        html_path, md_path = write_report(args.run_dirs, out, args.title)
     print(f"report written: {html_path} and {md_path}")
     return 0

@@ -15,6 +15,7 @@ accuracy (what survived the attacks) <= clean accuracy, and how many points were
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from marginlab.base.config import parse_key_values
 from marginlab.commands.args import (
@@ -27,6 +28,7 @@ from marginlab.commands.args import (
     set_threads,
 )
 from marginlab.lab.names import ROBUSTNESS, ROBUSTNESS_FIGURE, WEIGHTS
+from marginlab.lab.outputs import writing_into, written_by
 from marginlab.plots.common import save
 from marginlab.plots.robustness import plot_robustness
 from marginlab.robustness import ATTACKS, RobustnessResult, RobustnessSettings, robust_accuracy
@@ -99,18 +101,24 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         aa_version=args.aa_version,
-        aa_attacks=tuple(parse_names(args.aa_attacks, "AutoAttack attack")) if args.aa_attacks else None,
-        aa_eps=tuple(parse_eps(args.aa_eps)) if args.aa_eps else None,
+        aa_attacks=(
+            tuple(parse_names(args.aa_attacks, "AutoAttack attack")) if args.aa_attacks is not None else None
+        ),
+        aa_eps=tuple(parse_eps(args.aa_eps)) if args.aa_eps is not None else None,
     )
+    settings.check_radii(eps)  # before the data and the model are loaded
     out = check_out_dir(args.out)
     set_threads(args.threads)
-    model, data, index, loaded = load_from_args(args)
-    result = robust_accuracy(model, data.x, data.y, eps, settings, index=index.tolist())
-    title = f"{args.model} on {args.data} ({args.split}, n={result.n})"
-    # the figure first, the JSON last: a robustness.json is only ever there with everything before it
-    save(plot_robustness(result.margin_upper(), result, title=title), out / ROBUSTNESS_FIGURE)
-    result.save(out / ROBUSTNESS, model=args.model, weights=args.weights, loaded_model=loaded,
-                data=args.data, split=args.split)  # fmt: skip
+    # never over a comparison's robustness.json or into a run directory itself; under its lock inside one
+    files = [ROBUSTNESS_FIGURE, ROBUSTNESS]
+    with writing_into(out, "robustness", files, anchor=ROBUSTNESS, legacy=is_legacy_result):
+        model, data, index, loaded = load_from_args(args)
+        result = robust_accuracy(model, data.x, data.y, eps, settings, index=index.tolist())
+        title = f"{args.model} on {args.data} ({args.split}, n={result.n})"
+        # the figure first, the JSON last: a robustness.json is only ever there with everything before it
+        save(plot_robustness(result.margin_upper(), result, title=title), out / ROBUSTNESS_FIGURE)
+        result.save(out / ROBUSTNESS, **written_by("robustness"), model=args.model, weights=args.weights,
+                    loaded_model=loaded, data=args.data, split=args.split)  # fmt: skip
     for line in band_lines(result):
         print(line)
     for note in result.notes:
@@ -119,6 +127,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     print(f"wrote {out / ROBUSTNESS} and {out / ROBUSTNESS_FIGURE}")
     return 0
+
+
+def is_legacy_result(raw: dict[str, Any]) -> bool:
+    """Whether a ``robustness.json`` without ``written_by`` is ``marginlab robustness``' own: it names
+    the model and data it evaluated; a comparison's has ``reference_eps`` instead."""
+    return "reference_eps" not in raw and "model" in raw and "data" in raw
 
 
 def band_lines(result: RobustnessResult) -> list[str]:

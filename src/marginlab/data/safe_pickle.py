@@ -91,8 +91,8 @@ def load_numpy_pickle(f: ReadableBinary, where: str) -> object:
     ``encoding="latin1"`` lets Python 3 read Python 2 pickles of arrays (their raw bytes are ``str``).
 
     Raises:
-        DataError: the pickle names anything but numpy's array classes, holds an object array, or is
-            corrupt.
+        DataError: the pickle names anything but numpy's array classes, holds an object array, nests
+            containers over :data:`MAX_DEPTH` levels, or is corrupt.
     """
     try:
         obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
@@ -100,15 +100,31 @@ def load_numpy_pickle(f: ReadableBinary, where: str) -> object:
         raise DataError(f"{where}: unsafe or corrupt pickle ({e}); only numpy arrays are allowed") from None
     except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise DataError(f"{where}: corrupt pickle ({type(e).__name__}: {e})") from None
+    except (RecursionError, MemoryError) as e:  # e.g. numpy rebuilding a crafted array
+        raise DataError(f"{where}: unreadable pickle ({type(e).__name__}); replace it") from None
     _refuse_object_arrays(obj, where)
     return obj
 
 
+# Deeper than any real data file nests its arrays (mnist.pkl.gz: 3 levels); the unpickler builds any depth
+# without recursion, but checking or using such an object recursively would raise RecursionError.
+MAX_DEPTH = 100
+
+
 def _refuse_object_arrays(obj: object, where: str) -> None:
-    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
-        raise DataError(f"{where}: refusing an object array in a pickle; only numeric arrays are allowed")
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, tuple | list):
-        for item in obj:
-            _refuse_object_arrays(item, where)
+    """Refuse object arrays anywhere in ``obj`` and containers nested over :data:`MAX_DEPTH` levels;
+    iterative (an explicit stack), so a pickle nested 300,000 levels deep is one line, not a crash."""
+    stack: list[tuple[object, int]] = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, np.ndarray) and item.dtype.hasobject:
+            raise DataError(f"{where}: refusing an object array in a pickle; only numeric arrays are allowed")
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, tuple | list):
+            if depth >= MAX_DEPTH:
+                raise DataError(
+                    f"{where}: containers nested over {MAX_DEPTH} levels deep; not a data file (corrupt "
+                    "or crafted), replace it"
+                )
+            stack.extend((child, depth + 1) for child in item)

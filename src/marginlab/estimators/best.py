@@ -14,6 +14,7 @@ from marginlab.base.errors import ConfigError
 from marginlab.base.inputs import check_model_outputs, check_train_mode, prepare_inputs
 from marginlab.bounds.domain import parse_domain
 from marginlab.core.norms import Norm
+from marginlab.core.predict import predict_logits
 from marginlab.estimators.base import (
     ESTIMATORS,
     NORM_ERROR,
@@ -146,7 +147,8 @@ def estimate_margins(
     its time and the estimator's per-point extras (``columns``, ``arrays``).
 
     ``x``/``y`` may be numpy arrays (``[N, H, W]`` grey images gain their channel axis); a model that
-    outputs probabilities is refused (margins are defined on logits) and one in train mode is evaluated
+    outputs probabilities or non-finite logits on any point is refused (margins are defined on finite
+    logits) and one in train mode is evaluated
     in eval mode with a warning (:mod:`marginlab.base.inputs`, the same checks as ``robust_accuracy``).
     ``params`` maps an estimator name to its keyword parameters; ``batch_size`` overrides every
     estimator's batch size; ``device`` moves the model there first (else it stays where it is).
@@ -171,8 +173,10 @@ def estimate_margins(
     warning = check_train_mode(model)
     if warning:
         log.warning(warning)
-    with evaluating(model), torch.no_grad():
-        check_model_outputs(model(x[:64].to(model_device(model))), y)
+    with evaluating(model):
+        # every point, not a sample: a model with NaN logits on one point would give it margin +inf
+        logits = predict_logits(model, x, batch_size or 256, device=model_device(model))
+        check_model_outputs(logits, y)
     results: dict[str, MarginResult] = {}
 
     def run(name: str) -> MarginResult:

@@ -26,8 +26,11 @@ from typing import Required, TypedDict
 import torch
 from torch import nn
 
+from marginlab.base.inputs import check_model_outputs
 from marginlab.bounds.crown import CROWN_BUDGET
+from marginlab.core.predict import predict_logits
 from marginlab.estimators import build_estimator, combine_upper_bounds
+from marginlab.estimators.base import evaluating, model_device
 from marginlab.estimators.mip import Mip
 from marginlab.estimators.presets import bracket_attacks
 
@@ -69,7 +72,10 @@ def compute_bracket(
     batch_size: int = 64,
 ) -> Bracket:
     """Brackets of ``x [N,C,H,W]``, ``y [N]``: crown, best (``attacks``, default DeepFool+DDN for L2,
-    DeepFool+FMN for L-inf) and, with ``exact``, the mip estimator with ``time_limit`` s per point."""
+    DeepFool+FMN for L-inf) and, with ``exact``, the mip estimator with ``time_limit`` s per point. A model
+    with non-finite logits on any point is refused (:func:`marginlab.base.inputs.check_model_outputs`)."""
+    with evaluating(model):  # the checks estimate_margins makes: finite logits on every point, no softmax
+        check_model_outputs(predict_logits(model, x, batch_size, device=model_device(model)), y)
     if attacks is None:
         attacks = bracket_attacks(p)
     seconds: dict[str, float] = {}

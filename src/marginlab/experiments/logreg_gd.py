@@ -24,10 +24,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -151,12 +151,25 @@ def trend_summary(metrics: list[LogregRecord], split: Literal["train", "test"]) 
     out[f"{split}_error_first"], out[f"{split}_error_last"] = first["error"], last["error"]
     # Stricter readings: the poster says errors never rise (so this is no overfitting artefact).
     means = [m[split]["margin"]["mean"] for m in metrics]
-    errors = [m[split]["error"] for m in metrics]
     out[f"{split}_mean_margin_falls_every_record"] = all(
         b < a for a, b in zip(means, means[1:], strict=False)
     )
-    out[f"{split}_error_never_rises"] = all(b <= a for a, b in zip(errors, errors[1:], strict=False))
+    out[f"{split}_error_never_rises"] = not error_rises(metrics, split)
     return out
+
+
+def error_rises(
+    metrics: Sequence[Mapping[str, Any]], split: Literal["train", "test"]
+) -> list[tuple[int, int, float, float]]:
+    """Every place where the error of ``split`` rose from one record to the next, as ``(epoch before,
+    epoch, error before, error after)``: the evidence behind ``<split>_error_never_rises`` (which holds
+    when this is empty). Records without the split's error are skipped."""
+    points = [
+        (int(m["epoch"]), float(m[split]["error"]))
+        for m in metrics
+        if isinstance(m.get(split), Mapping) and isinstance(m[split].get("error"), int | float)
+    ]
+    return [(e0, e1, a, b) for (e0, a), (e1, b) in zip(points, points[1:], strict=False) if b > a]
 
 
 def _load(cfg: DataConfig) -> tuple[Dataset, Dataset]:

@@ -94,6 +94,13 @@ def check_launcher(name: object) -> str:
 class Launcher(Protocol):
     """Executes the jobs of a sweep or comparison whose files live in ``home``; see the module doc."""
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether one sweep alone may use ``home`` at a time: so for runs executed by this process's
+        workers (a second sweep's workers would find every run in use); not for SLURM, where a second
+        submitter attaches to the jobs ``launch.json`` records (the sweep then shares ``home``'s lock)."""
+        ...
+
     def execute(self, todo: list[Job], run_fn: RunFn, home: Path) -> Generator[Event, None, None]:
         """Run every job; yield ``(index, None)`` at its start and ``(index, outcome)`` at its end."""
         ...
@@ -104,6 +111,11 @@ class LocalLauncher:
     """Runs on this machine: ``jobs`` at a time, each in its own worker process (``1``: in this process)."""
 
     jobs: int = 1
+
+    @property
+    def exclusive(self) -> bool:
+        """Yes: the runs execute here; a second sweep on ``home`` is refused (see :class:`Launcher`)."""
+        return True
 
     def execute(self, todo: list[Job], run_fn: RunFn, home: Path) -> Generator[Event, None, None]:
         """:func:`marginlab.lab.workers.execute` (``home`` is not needed: nothing is recorded)."""

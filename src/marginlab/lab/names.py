@@ -22,7 +22,10 @@ Layout of a run directory::
 ``marginlab margins --out DIR`` writes ``margins.csv`` (or ``.parquet``), ``summary.json``, with
 ``--save-arrays`` the estimators' per-point arrays ``arrays.npz`` and, with ``bracket``, ``bracket.png``
 into ``DIR``; ``marginlab robustness --out DIR`` writes ``robustness.json``
-and ``robustness.png``. Readers of these files are in :mod:`marginlab.lab.readers`.
+and ``robustness.png``. Readers of these files are in :mod:`marginlab.lab.readers`; where these commands
+may write (never into a run directory itself, never over another's files) is :mod:`marginlab.lab.outputs`.
+A run or sweep directory's ``.lock`` is held by the one process writing it
+(:meth:`marginlab.lab.runs.RunDir.lock`).
 """
 
 from __future__ import annotations

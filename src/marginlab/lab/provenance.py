@@ -15,14 +15,17 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import torch
 
 from marginlab import __version__
-from marginlab.base.fsio import atomic_write_json, read_json
+from marginlab.base.errors import ConfigError, RunDirError
+from marginlab.base.fsio import atomic_write_json, file_sha256, read_json
 from marginlab.lab.runs import PROVENANCE
+from marginlab.nets.spec import resolve_spec
 
 _command: list[str] | None = None  # set by the CLI: the arguments it was given, not the host's argv
 
@@ -62,6 +65,7 @@ class Session(TypedDict):
     torch_threads: int
     cuda: str | None
     world_size: int
+    model_files: NotRequired[dict[str, str]]
 
 
 def git_commit() -> GitCommit | None:
@@ -108,14 +112,66 @@ def session_info(mode: Literal["new", "resume"]) -> Session:
     }
 
 
-def record_session(run_dir: str | Path, mode: Literal["new", "resume"]) -> None:
-    """Append this session's entry to ``provenance.json`` (atomically; earlier entries are kept)."""
+def record_session(
+    run_dir: str | Path, mode: Literal["new", "resume"], config: Mapping[str, Any] | None = None
+) -> None:
+    """Append this session's entry to ``provenance.json`` (atomically; earlier entries are kept), with
+    the SHA-256 of the user's model file that ``config`` (the run's config) names (:func:`model_files`)."""
     path = Path(run_dir) / PROVENANCE
-    entries: list[object] = []  # earlier sessions, as read (older versions may have other keys)
-    if path.is_file():
-        try:
-            old = read_json(path)
-            entries = list(old.get("sessions", [])) if isinstance(old, dict) else []
-        except (OSError, ValueError):
-            entries = []  # a damaged provenance file must not stop a resume; the new one replaces it
-    atomic_write_json(path, {"sessions": [*entries, session_info(mode)]})
+    entries = _sessions(path)
+    session = session_info(mode)
+    files = model_files(config) if config is not None else {}
+    if files:
+        session["model_files"] = files
+    atomic_write_json(path, {"sessions": [*entries, session]})
+
+
+def _sessions(path: Path) -> list[Any]:
+    """The sessions ``provenance.json`` lists, as read (older versions may have other keys); a damaged
+    file must not stop a resume: it reads as none, and the next session's file replaces it."""
+    if not path.is_file():
+        return []
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        return []
+    sessions = old.get("sessions", []) if isinstance(old, dict) else []
+    return list(sessions) if isinstance(sessions, list) else []
+
+
+def model_files(config: Mapping[str, Any]) -> dict[str, str]:
+    """``{file: SHA-256}`` of the Python file whose code a run's config builds its model from
+    (``model.name = "FILE.py:Class"``, the file as the config spells it); ``{}`` for registry models,
+    importable modules and a file that is not there (building the model then says so)."""
+    model = config.get("model")
+    name = model.get("name") if isinstance(model, Mapping) else None
+    if not isinstance(name, str):
+        return {}
+    try:
+        spec = resolve_spec(name)  # parses only: nothing is imported
+    except ConfigError:
+        return {}
+    if spec.kind != "python" or not spec.source.endswith(".py"):
+        return {}
+    try:
+        return {spec.source: file_sha256(spec.source)}
+    except OSError:
+        return {}
+
+
+def check_model_files(run_dir: str | Path, config: Mapping[str, Any]) -> None:
+    """Refuse to resume a run whose model file changed since it started: :class:`RunDirError` naming the
+    file, unless its SHA-256 equals the one the latest session that recorded it wrote into
+    ``provenance.json`` (runs from before these records, and registry models, pass)."""
+    recorded: dict[str, Any] = {}
+    for session in _sessions(Path(run_dir) / PROVENANCE):
+        files = session.get("model_files") if isinstance(session, dict) else None
+        if isinstance(files, dict):
+            recorded = files
+    for file, digest in model_files(config).items():
+        if file in recorded and recorded[file] != digest:
+            raise RunDirError(
+                f"model file {file} changed since run {run_dir} started (its SHA-256 differs from the one "
+                f"in {PROVENANCE}); revert it, or resume with the file as it is now: "
+                f"marginlab run --resume {run_dir} --force"
+            )

@@ -131,7 +131,7 @@ def read_robustness(run_dir: str | Path) -> RobustnessResult:
 
 def read_robustness_extra(run_dir: str | Path) -> dict[str, Any]:
     """What was saved beside the result in ``robustness.json`` (``reference_eps`` of a comparison's
-    sub-run; ``model``, ``weights``, ``data``, ``split`` of ``marginlab robustness``)."""
+    sub-run; ``written_by``, ``model``, ``weights``, ``data``, ``split`` of ``marginlab robustness``)."""
     path = Path(run_dir) / ROBUSTNESS
     raw = _read(path)
     if not isinstance(raw, dict):

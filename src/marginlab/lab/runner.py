@@ -20,7 +20,8 @@ from marginlab.base.config import from_dict, to_dict
 from marginlab.base.distributed import is_main_process
 from marginlab.base.errors import ConfigError, RunDirError
 from marginlab.base.fsio import to_jsonable
-from marginlab.lab.provenance import record_session
+from marginlab.lab.names import FIGURES
+from marginlab.lab.provenance import check_model_files, model_files, record_session
 from marginlab.lab.runs import RunDir, read_config
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ class Experiment(Protocol):
 
     - ``Config``: a frozen dataclass (the TOML minus ``kind``);
     - ``run(cfg, rd, *, resume)``: does the work, logs metrics into ``rd`` and returns the summary, a
-      JSON-ready mapping, typed by each experiment (the runner writes it as ``summary.json`` with
-      ``kind`` in front, and then draws the figures);
+      JSON-ready mapping, typed by each experiment (the runner draws the figures, then writes it as
+      ``summary.json`` with ``kind`` in front: the summary is the last file of a run);
     - ``plot(run_dir)``: redraws every figure from the run directory's files alone.
     An optional ``resolve(cfg) -> cfg`` fills the values an experiment derives (e.g. the learning rate).
     """
@@ -96,9 +97,10 @@ def run_experiment(raw: dict[str, Any], out: str | Path, *, force: bool = False)
     kind, cfg = build_config(raw)
     if not is_main_process():  # a torchrun worker: it trains, rank 0 alone creates and writes `out`
         return _execute_worker(kind, cfg, RunDir(out), resume=False)
-    rd = RunDir.create(out, to_jsonable({"kind": kind, **to_dict(cfg)}), force=force)
+    record = to_jsonable({"kind": kind, **to_dict(cfg)})
+    rd = RunDir.create(out, record, force=force)
     try:
-        record_session(rd.path, "new")
+        record_session(rd.path, "new", record)  # with the SHA-256 of the user's model file, if any
         return _execute(kind, cfg, rd, resume=False)
     except BaseException:
         # Nothing finished (no checkpoint, weights, summary or result anywhere inside, sub-runs
@@ -109,17 +111,24 @@ def run_experiment(raw: dict[str, Any], out: str | Path, *, force: bool = False)
         raise
 
 
-def resume_experiment(path: str | Path) -> Path:
-    """Continue an unfinished run from its last checkpoint (its config is read from the directory)."""
+def resume_experiment(path: str | Path, *, force: bool = False) -> Path:
+    """Continue an unfinished run from its last checkpoint (its config is read from the directory).
+
+    A run whose model file (``model.name = "FILE.py:Class"``) changed since it started is refused before
+    that file is imported (it would train another architecture from the checkpoint); ``force`` resumes
+    with the file as it is, and records its new SHA-256."""
     rd = RunDir.open(path)
     if rd.finished:
         raise RunDirError(f"{rd.path} is already finished; nothing to resume")
-    kind, cfg = build_config(read_config(rd.path))
+    raw = read_config(rd.path)
+    if not force:
+        check_model_files(rd.path, raw)
+    kind, cfg = build_config(raw)
     if not is_main_process():
         return _execute_worker(kind, cfg, rd, resume=True)
     rd.lock()
     try:
-        record_session(rd.path, "resume")
+        record_session(rd.path, "resume", raw)
     except BaseException:
         rd.unlock()
         raise
@@ -129,8 +138,40 @@ def resume_experiment(path: str | Path) -> Path:
 def plan(raw: dict[str, Any], path: str | Path) -> Mode:
     """What :func:`run_or_resume` will do with ``path``: ``new``, ``resume`` or ``skip`` (finished).
 
-    A directory holding a *different* config is a user error (never overwritten, never skipped)."""
+    A directory holding a *different* config is a user error (never overwritten, never skipped). A
+    finished run of the same config is skipped without importing the user's model file, if possible
+    (:func:`finished_with`)."""
+    if finished_with(raw, path):
+        return "skip"
     return plan_mode(path, config_record(raw))
+
+
+# A registry model standing in for the user's model file when a finished run's config is compared
+# (:func:`finished_with`): its config resolves without importing anything.
+_STAND_IN_MODEL = "mlp"
+
+
+def finished_with(raw: dict[str, Any], path: str | Path) -> bool:
+    """Whether ``path`` holds a finished run of ``raw``, decided without importing the user's code.
+
+    Validating a config whose ``model.name`` is ``FILE.py:Class`` imports that file (to check the options
+    against its signature), running whatever it does at import, only to skip the run. So when the model
+    section is exactly the recorded one, the rest is compared with a registry model standing in for it on
+    both sides. ``False`` means "not decided here": :func:`plan_mode` decides, validating in full."""
+    rd = RunDir(path)
+    if not (rd.is_run_dir and rd.finished):
+        return False
+    saved = read_config(rd.path)
+    model, saved_model = raw.get("model"), saved.get("model")
+    if not (isinstance(model, dict) and isinstance(saved_model, dict)) or not model_files(raw):
+        return False  # no model file: validating the config imports nothing of the user's
+    if to_jsonable({"options": {}, **model}) != saved_model:
+        return False
+    try:
+        stand_in = config_record({**raw, "model": {"name": _STAND_IN_MODEL}})
+    except ConfigError:
+        return False
+    return stand_in == {**saved, "model": stand_in.get("model")}
 
 
 def plan_mode(path: str | Path, expected: dict[str, Any]) -> Mode:
@@ -172,17 +213,23 @@ def _execute(kind: str, cfg: Any, rd: RunDir, *, resume: bool) -> Path:
         if resume:
             rd.remove_temp_files()  # leftovers of atomic writes that a kill interrupted
         summary = exp.run(cfg, rd, resume=resume)
-        # The summary marks the run finished; it is written before the figures so that a plotting
-        # problem can never lose a finished run (``marginlab plot`` redraws them).
-        rd.write_summary({"kind": kind, **summary})
+        # The figures first, the summary last: its presence marks the run finished, so a kill while
+        # plotting leaves an unfinished run, which --resume completes (from the last checkpoint, the
+        # figures drawn, then the summary written); nothing finished is lost, as the checkpoint stays.
         exp.plot(rd.path)
+        rd.write_summary({"kind": kind, **summary})
     finally:
         rd.unlock()
     return rd.path
 
 
 def plot_run(path: str | Path) -> list[Path]:
-    """Redraw every figure of a run directory from its files alone."""
+    """Redraw every figure of a run directory from its files alone, holding the run's lock (a run that
+    another process is writing is refused: "in use"); the temporary files that a writer killed while
+    drawing left under ``figures/`` are removed first."""
     rd = RunDir.open(path)
     kind = read_config(rd.path).get("kind")
-    return list(get_experiment(kind).plot(rd.path))
+    exp = get_experiment(kind)
+    with rd:
+        rd.remove_temp_files(FIGURES)
+        return list(exp.plot(rd.path))

@@ -121,6 +121,9 @@ class RunDir:
         """Make a new run directory holding ``config.json``; refuse to clobber an existing run."""
         rd = cls(check_out_path(path))
         if rd.path.is_dir() and not rd._is_empty():
+            # A directory another process is writing (a run being created, a sweep) is "in use", whatever
+            # it holds so far: that is the one message that tells the user what is going on.
+            rd.check_not_in_use()
             if not force:
                 raise RunDirError(rd._occupied_message())
             if not rd.is_run_dir:
@@ -186,23 +189,24 @@ class RunDir:
         self.path.rename(target)
 
     # -- locking --------------------------------------------------------------------------------
-    def lock(self) -> None:
-        """Take an exclusive lock on the directory; a second writer gets a clear error."""
+    def lock(self, what: str = "run directory", *, shared: bool = False) -> None:
+        """Take an exclusive lock on the directory; a second writer gets a clear error naming ``what``
+        the directory is (a run directory, a sweep directory) and the pid holding it. ``shared``: a lock
+        that other shared holders may hold too, but no exclusive one (SLURM sweeps that attach to one
+        another's jobs, against a local sweep)."""
         if self._lock_fd is not None:
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirError(f"cannot write to run directory {self.path}: {e.strerror or e}") from None
+            raise RunDirError(f"cannot write to {what} {self.path}: {e.strerror or e}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RunDirError(
-                f"run directory {self.path} is in use by another process (pid {holder})"
-            ) from None
+            raise RunDirError(f"{what} {self.path} is in use by another process (pid {holder})") from None
         os.ftruncate(fd, 0)
         try:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -210,6 +214,15 @@ class RunDir:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
         self._lock_fd = fd
+
+    def check_not_in_use(self) -> None:
+        """Raise the "in use by another process" error if another process holds the directory's lock
+        (never creates anything: a directory without a lock file is not in use)."""
+        if self._lock_fd is not None or not (self.path / LOCK).is_file():
+            return
+        probe = type(self)(self.path)
+        probe.lock("sweep directory" if (self.path / SWEEP_MANIFEST).is_file() else "run directory")
+        probe.unlock()
 
     def unlock(self) -> None:
         """Release the lock taken by :meth:`lock` (nothing if not held)."""
@@ -279,8 +292,11 @@ class RunDir:
                 path.unlink()
         return records
 
-    def remove_temp_files(self) -> None:
-        """Delete the ``.*.tmp`` files of interrupted atomic writes (never a finished file)."""
-        for path in self.path.rglob(f".*{TMP_SUFFIX}"):
+    def remove_temp_files(self, folder: str | None = None) -> None:
+        """Delete the ``.*.tmp`` files of interrupted atomic writes (never a finished file), in the
+        whole directory or only in its sub-folder ``folder`` (e.g. ``figures``). Call it holding the lock:
+        a temporary file is only stale when no process of this directory is writing it."""
+        root = self.path if folder is None else self.path / folder
+        for path in root.rglob(f".*{TMP_SUFFIX}"):
             if path.is_file():
                 path.unlink(missing_ok=True)

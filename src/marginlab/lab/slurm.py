@@ -132,6 +132,11 @@ class SlurmLauncher:
     cfg: SlurmConfig
     wait: bool = True
 
+    @property
+    def exclusive(self) -> bool:
+        """No: the same command again attaches to the jobs still queued or running (see :class:`Launcher`)."""
+        return False
+
     def execute(self, todo: list[Job], run_fn: RunFn, home: Path) -> Generator[Event, None, None]:
         """Submit, record the job ids in ``home``'s ``launch.json``, then yield each run's start and end."""
         if not todo:

@@ -15,7 +15,6 @@ names (``parse_preprocess``, ``check_spec`` ...) are deprecated aliases of their
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from collections import OrderedDict
@@ -29,6 +28,7 @@ from torch import nn
 
 from marginlab.base.deprecated import moved_attribute
 from marginlab.base.errors import ConfigError
+from marginlab.base.fsio import file_sha256
 from marginlab.nets.preprocess import Normalize, Preprocess
 from marginlab.nets.spec import ModelSpec, resolve_spec
 from marginlab.nets.usercode import build_from_spec, first_line
@@ -121,16 +121,17 @@ def load_model(
         model = load_saved(ms)
     record: dict[str, Any] = {"spec": spec, "kind": ms.kind, "options": dict(options or {}), "weights": None}
     is_file = ms.kind in ("torchscript", "onnx") or ms.source.endswith(".py")
-    record["model_sha256"] = _sha256(Path(ms.source)) if is_file else None  # which code / archive ran
+    record["model_sha256"] = file_sha256(Path(ms.source)) if is_file else None  # which code / archive ran
     if weights is not None:
         loaded = load_weights(model, weights, key_map=key_map)
-        record |= asdict(loaded) | {"weights": str(weights), "weights_sha256": _sha256(Path(weights))}
+        record |= asdict(loaded) | {"weights": str(weights), "weights_sha256": file_sha256(Path(weights))}
         del record["path"]
     elif key_map:
         raise ConfigError("--key-map renames the keys of --weights; give --weights too")
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ConfigError(f"model {spec} holds NaN or infinite weights (first: {bad[0]!r})")
+    if bad:  # name the file the values came from, when they came from one
+        where = f"weights file {weights}" if weights is not None else f"model {spec}"
+        raise ConfigError(f"{where} holds NaN or infinite weights (first: {bad[0]!r})")
     if preprocess is not None:  # the first layer: attacks and eps stay in [0, 1] pixel space
         norm = Normalize(preprocess["mean"], preprocess["std"])
         model = nn.Sequential(OrderedDict(normalize=norm, model=model))
@@ -141,15 +142,6 @@ def load_model(
     log.info("loaded model %s (%s, %d parameters) with weights %s", spec, ms.kind, record["parameters"],
              record["weights"] or "from the model itself")  # fmt: skip
     return LoadedModel(model, record)
-
-
-def _sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def __getattr__(name: str) -> Any:

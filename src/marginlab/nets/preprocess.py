@@ -62,6 +62,16 @@ def parse_preprocess(text: str | None) -> Preprocess | None:
         except ValueError:
             raise ConfigError(f"--preprocess {key} values must be numbers, got {token!r}") from None
     mean, std = out.get("mean", [0.0]), out.get("std", [1.0])
+    # torch.tensor makes float32: a mean or std beyond float32's range is inf here, and refused
     if not all(torch.isfinite(torch.tensor(mean + std))) or min(std) <= 0:
         raise ConfigError(f"--preprocess needs finite means and positive stds, got {text!r}")
+    # Normalize holds float32 buffers: a std below float32's smallest normal number (e.g. 1e-300) would
+    # become 0 there (or a subnormal without precision), making the logits inf or NaN on every point.
+    f32 = torch.finfo(torch.float32)
+    bad = next((s for s in std if not f32.tiny <= s <= f32.max), None)
+    if bad is not None:
+        raise ConfigError(
+            f"--preprocess std {bad!r} is not a normal float32 number (the model computes in float32: "
+            f"use a std in [{f32.tiny:.3g}, {f32.max:.3g}])"
+        )
     return {"mean": mean, "std": std}

@@ -60,13 +60,24 @@ def resolve_spec(spec: str) -> ModelSpec:
     )
 
 
+def _zip_names(path: Path) -> list[str] | None:
+    """The member names of a zip archive (TorchScript and torch.save files are zips); ``None`` for any
+    other file. A damaged archive raises ``zipfile``'s or the OS's error."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as z:
+        return z.namelist()
+
+
 def _saved_kind(path: Path) -> str:
     """``torchscript`` or ``onnx`` for a saved model file; a state_dict file is an error with a hint."""
     if path.suffix.lower() == ".onnx":
         return "onnx"
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+    try:
+        names = _zip_names(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:  # even is_zipfile can raise
+        raise ConfigError(f"model file {path} is a damaged archive ({e})") from None
+    if names is not None:
         # a TorchScript archive carries its compiled code and constants; torch.save files do not
         if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             return "torchscript"

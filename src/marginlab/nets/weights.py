@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeGuard
@@ -82,8 +83,14 @@ def _read_tensors(path: Path) -> object:
     scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2 / 1.26
     safe = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *numeric]
     try:
-        with torch.serialization.safe_globals(safe):
+        # torch warns about pickle protocols it did not write; the error below says what matters
+        with torch.serialization.safe_globals(safe), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
+    except RecursionError:  # a pickle nested thousands of levels deep: no checkpoint looks like that
+        raise ConfigError(
+            f"cannot read weights file {path}: its contents are nested too deeply to be a state_dict"
+        ) from None
     except Exception as e:  # torch raises many types for bad files (pickle, zip, EOF, runtime)
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         if unsafe:
@@ -91,8 +98,21 @@ def _read_tensors(path: Path) -> object:
                 f"weights file {path} holds pickled Python objects ({unsafe.group(1)}), which marginlab "
                 "never unpickles (that would run code from the file); re-save it as a state_dict"
             ) from None
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"cannot read weights file {path}: {msg}") from None
+        raise ConfigError(f"cannot read weights file {path}: {_load_error(e)}") from None
+
+
+def _load_error(e: Exception) -> str:
+    """The one line that says why ``torch.load(weights_only=True)`` failed. torch's own message for a
+    file its safe unpickler cannot read is several lines, and advises retrying with ``weights_only=False``
+    (which would run any code in the file): only its reason (``Unsupported operand 149``) is kept."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1]
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "")
+        return f"not a torch.save file of tensors (the safe unpickler stopped at: {reason or 'unknown'})"
+    if "weights_only" in text:  # any other form of the same advice: keep none of it
+        return "not a torch.save file of tensors"
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
 
 
 def _strip_wrapper(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -169,6 +189,31 @@ def match_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], whe
     return {k: k for k in state if k in own} | dict(zip(rest, left, strict=True))
 
 
+def _some(keys: dict[str, torch.Tensor], n: int = 3) -> str:
+    """The first ``n`` keys, comma-separated, for an error line."""
+    names = list(keys)
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def check_dtypes(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], pairs: dict[str, str], where: str
+) -> None:
+    """Refuse a checkpoint tensor whose values a load would change: complex values where the model holds
+    real ones (``load_state_dict`` drops the imaginary part with a mere warning), and integers or
+    booleans where it holds floats (not trained weights). Float widths may differ (float16 -> float32
+    is exact), and so may integer buffers (``num_batches_tracked``). ``where`` starts the message."""
+    for ck, mk in pairs.items():
+        got, want = state[ck].dtype, own[mk].dtype
+        lossy = got.is_complex and not want.is_complex
+        lossy |= want.is_floating_point and not (got.is_floating_point or got.is_complex)
+        if lossy:
+            name = ck if ck == mk else f"{ck} (for {mk})"
+            raise ConfigError(
+                f"{where}: tensor {name!r} is {str(got).removeprefix('torch.')}, the model's is "
+                f"{str(want).removeprefix('torch.')}; re-save the weights as real floats"
+            )
+
+
 def load_weights(
     model: nn.Module, path: str | Path, *, key_map: dict[str, str] | None = None
 ) -> LoadedWeights:
@@ -177,7 +222,9 @@ def load_weights(
     Accepts a plain state_dict or a checkpoint holding one (:data:`CHECKPOINT_KEYS`, one or two levels),
     strips DataParallel/DDP ``module.`` prefixes, applies ``key_map`` prefix renames, and maps foreign key
     names by pairing them in order with the model keys no checkpoint key names (equal shapes needed; the
-    mapping is logged at INFO and returned).
+    mapping is logged at INFO and returned). Keys that ``key_map`` renames must then name model keys
+    (a rename is never paired in order), and tensors must hold what the model's hold (real floats for
+    floats: :func:`check_dtypes`).
     Files are read with ``weights_only=True``: no pickled code ever runs. Anything that does not fit
     raises :class:`ConfigError` naming the first mismatch.
     """
@@ -186,9 +233,19 @@ def load_weights(
         raise ConfigError(f"weights file {path} not found")
     state, found_under = _state_dict_from(_read_tensors(path), path)
     state, stripped = _strip_wrapper(state)
+    before = list(state)
     state = apply_key_map(state, key_map or {})
     own = model.state_dict()
+    # a key the user renamed must land on a model key: pairing it in order instead would hide a typo
+    renamed_by_map = [new for old, new in zip(before, state, strict=True) if old != new]
+    stray = next((k for k in renamed_by_map if k not in own), None)
+    if stray is not None:
+        raise ConfigError(
+            f"--key-map renames a checkpoint key of {path} to {stray!r}, which is not a key of this "
+            f"{type(model).__name__} (its keys: {_some(own)})"
+        )
     pairs = match_keys(state, own, f"weights file {path} does not fit this {type(model).__name__}")
+    check_dtypes(state, own, pairs, f"weights file {path}")
     renamed = {c: m for c, m in pairs.items() if c != m}
     if renamed:
         log.info("weights %s: checkpoint keys mapped to model keys in order: %s", path,

@@ -76,12 +76,27 @@ def plot_compare(run_dir: str | Path) -> list[Path]:
     figures = run_dir / FIGURES
     out = [plot_margin_curves(run_dir, bases, recipes, seeds, figures / MARGIN_CURVES_FIGURE)]
     out.append(plot_histograms(run_dir, bases, recipes, seeds, figures / HISTOGRAMS_FIGURE))
-    if any(
-        (p / ROBUSTNESS).is_file() for b in bases for r in recipes for p in _subruns(run_dir, b, r, seeds)
-    ):
+    if _has_robustness(run_dir, bases, recipes, seeds):
         out.append(plot_robustness(run_dir, bases, recipes, seeds, figures / ROBUSTNESS_FIGURE))
     out += plot_methods(run_dir, figures)
     return out
+
+
+def compare_figures(run_dir: str | Path) -> list[str]:
+    """The figures (names under ``figures/``) that :func:`plot_compare` always draws from the comparison's
+    files (the training-methods figures, drawn when their data allow, aside): what a report expects to
+    find on disk."""
+    run_dir = Path(run_dir)
+    bases, recipes, seeds = _layout(run_dir)
+    names = [MARGIN_CURVES_FIGURE, HISTOGRAMS_FIGURE]
+    return names + ([ROBUSTNESS_FIGURE] if _has_robustness(run_dir, bases, recipes, seeds) else [])
+
+
+def _has_robustness(run_dir: Path, bases: list[str], recipes: list[str], seeds: list[int]) -> bool:
+    """Whether any sub-run holds a robustness result (the robustness figure is drawn then)."""
+    return any(
+        (p / ROBUSTNESS).is_file() for b in bases for r in recipes for p in _subruns(run_dir, b, r, seeds)
+    )
 
 
 def plot_margin_curves(

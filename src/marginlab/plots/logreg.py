@@ -62,6 +62,19 @@ def plot_logreg(run_dir: Path) -> list[Path]:
     return paths
 
 
+def logreg_figures(run_dir: Path) -> list[str]:
+    """The figures (names under ``figures/``) that :func:`plot_logreg` draws from the run's files, without
+    drawing them (the same conditions: records, per-point snapshots, the fixed images): what a report
+    expects to find on disk."""
+    run_dir = Path(run_dir)
+    names = [MARGINS_FIGURE, COSINE_FIGURE, LOSS_ERROR_FIGURE] if read_metrics(run_dir) else []
+    if margins_files(run_dir):
+        names.append(HISTOGRAMS_FIGURE)
+        if read_adv_images(run_dir) is not None:
+            names.append(ADVERSARIAL_FIGURE)
+    return names
+
+
 # -- reading ------------------------------------------------------------------------------------------
 def _svm_margins(run_dir: Path) -> dict[str, float]:
     """Geometric margins of the SVMs: ``free`` (classical), ``regularized`` (bias penalised, GD's limit)."""

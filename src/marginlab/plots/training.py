@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 
 from marginlab.lab.names import FIGURES, HISTOGRAMS_FIGURE, LOSS_ACCURACY_FIGURE, MARGINS_FIGURE, METRICS
-from marginlab.lab.readers import read_config, read_metrics
+from marginlab.lab.readers import margins_files, read_config, read_metrics
 from marginlab.plots.common import SPLIT_COLORS, SPLIT_STYLE, fit_ylim, margin_label, new_figure, save, styled
 from marginlab.training.records import (
     SPLITS,
@@ -34,7 +34,15 @@ from marginlab.training.tracking import load_points
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["SPLIT_COLORS", "draw_series", "estimator_names", "gapped_series", "kind_of", "plot_training"]
+__all__ = [
+    "SPLIT_COLORS",
+    "draw_series",
+    "estimator_names",
+    "gapped_series",
+    "kind_of",
+    "plot_training",
+    "training_figures",
+]
 
 STAT_TITLES: dict[MarginStat, str] = {
     "min": "minimum margin",
@@ -51,17 +59,38 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     cfg = read_config(run_dir)
     title = f"{cfg.get('model', {}).get('name', '?')} on {cfg.get('data', {}).get('dataset', '?')}"
     p = cfg.get("tracking", {}).get("p")
+    # a run tracked on a log grid of steps (tracking.every = "log") is drawn on a log step axis
+    x: XAxis = "step" if cfg.get("tracking", {}).get("every") == "log" else "epoch"
     figures = run_dir / FIGURES
     out = []
     names = estimator_names(records)
-    if names:
-        out.append(plot_margin_curves(records, names, figures / MARGINS_FIGURE, title, p=p))
-    points = load_points(run_dir)
-    if points and names:
+    drawn = _training_figures(records, names, run_dir)
+    if MARGINS_FIGURE in drawn:
+        out.append(plot_margin_curves(records, names, figures / MARGINS_FIGURE, title, p=p, x=x))
+    if HISTOGRAMS_FIGURE in drawn:
+        points = load_points(run_dir)
         kinds = {name: kind_of(records, name) for name in names}
         out.append(plot_histograms(points, names, figures / HISTOGRAMS_FIGURE, title, kinds=kinds, p=p))
+    if LOSS_ACCURACY_FIGURE in drawn:
+        out.append(plot_loss_accuracy(records, figures / LOSS_ACCURACY_FIGURE, title, x=x))
+    return out
+
+
+def training_figures(run_dir: str | Path) -> list[str]:
+    """The figures (names under ``figures/``) that :func:`plot_training` draws from the run's files, without
+    drawing them: what a report expects to find on disk."""
+    run_dir = Path(run_dir)
+    records = cast("list[EpochRecord]", read_metrics(run_dir))
+    return _training_figures(records, estimator_names(records), run_dir)
+
+
+def _training_figures(records: Sequence[EpochRecord], names: list[str], run_dir: Path) -> list[str]:
+    """One rule for what is drawn, shared by :func:`plot_training` and :func:`training_figures`."""
+    out = [MARGINS_FIGURE] if names else []
+    if names and margins_files(run_dir):  # the per-point snapshots the histograms are drawn from
+        out.append(HISTOGRAMS_FIGURE)
     if any("train_loss_epoch" in r or "test" in r for r in records):
-        out.append(plot_loss_accuracy(records, figures / LOSS_ACCURACY_FIGURE, title))
+        out.append(LOSS_ACCURACY_FIGURE)
     return out
 
 
@@ -82,30 +111,51 @@ def kind_of(records: Sequence[EpochRecord], name: str) -> str:
     return recorded_kind(records, name) or "?"
 
 
+XAxis = Literal["epoch", "step"]
+"""What a training curve is drawn against: the epoch, or the optimizer step (on a log scale)."""
+
+
+def set_x_axis(ax: Axes, x: XAxis) -> None:
+    """Label the x axis; a step axis is logarithmic (symlog, so the untrained model at step 0 stays)."""
+    if x == "step":
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)  # steps are never negative: no empty mirror half
+        ax.set_xlabel("optimizer step (log scale)")
+    else:
+        ax.set_xlabel("epoch")
+
+
 def gapped_series(
-    records: Sequence[EpochRecord], split: Split, name: str, stat: MarginStat
+    records: Sequence[EpochRecord], split: Split, name: str, stat: MarginStat, x: XAxis = "epoch"
 ) -> tuple[list[int], list[float]]:
     """``(epochs, values)`` of one margin statistic over every epoch that recorded estimator ``name`` on
     ``split``, with NaN where the statistic is ``null`` (it was not finite, e.g. ``+inf`` from a failed
     attack: JSON has no infinity). Unlike :func:`~marginlab.training.tracking.series`, which leaves such
     epochs out, the NaN keeps their place, so a line drawn through the values breaks there instead of
     joining its neighbours; epochs that did not measure ``name`` at all (a bound measured every k-th
-    epoch) are still left out. Every statistic of one estimator has the same epochs."""
+    epoch) are still left out. Every statistic of one estimator has the same epochs. ``x="step"`` gives
+    each record's optimizer step instead of its epoch."""
     epochs: list[int] = []
     values: list[float] = []
     for r in records:
         m = estimator_margins(r, split, name)
         if m is not None:
             value = m.get(stat)
-            epochs.append(int(r["epoch"]))
+            epochs.append(_x(r, x))
             values.append(math.nan if value is None else float(value))
     return epochs, values
 
 
 def draw_series(
-    ax: Axes, records: Sequence[EpochRecord], split: Split, name: str, stat: MarginStat, **kw: Any
+    ax: Axes,
+    records: Sequence[EpochRecord],
+    split: Split,
+    name: str,
+    stat: MarginStat,
+    x: XAxis = "epoch",
+    **kw: Any,
 ) -> tuple[list[int], list[float]]:
-    """One margin statistic vs epoch; ``stat="median"`` also shades the 10-90% quantile band.
+    """One margin statistic vs epoch (or step, ``x``); ``stat="median"`` also shades the 10-90% band.
 
     Values recorded as ``null`` (not finite) are NaN gaps in the line and the band (see
     :func:`gapped_series`), never joined over or filled in, and the axes say so in a small note; a
@@ -113,7 +163,7 @@ def draw_series(
     Returns every ``(epochs, values)`` drawn (the band's edges included; NaN at the gaps) for
     :func:`fit_ylim`.
     """
-    epochs, values = gapped_series(records, split, name, stat)
+    epochs, values = gapped_series(records, split, name, stat, x)
     if not epochs:
         return [], []
     gaps = any(math.isnan(v) for v in values)
@@ -122,8 +172,8 @@ def draw_series(
         if gaps:
             _note_not_finite(ax)
         return epochs, values
-    _, q10 = gapped_series(records, split, name, "q10")
-    _, q90 = gapped_series(records, split, name, "q90")
+    _, q10 = gapped_series(records, split, name, "q10", x)
+    _, q90 = gapped_series(records, split, name, "q90", x)
     finite = np.isfinite(q10) & np.isfinite(q90)  # [len(epochs)]
     color = line.get_color()
     # fill_between masks the NaN epochs itself: the band breaks there
@@ -132,8 +182,8 @@ def draw_series(
     after = np.concatenate([finite[1:], [False]])
     alone = finite & ~prev & ~after  # a one-epoch band has no width: a bar shows it
     if alone.any():
-        x, lo, hi = (np.asarray(a)[alone] for a in (epochs, q10, q90))
-        ax.vlines(x, lo, hi, color=color, alpha=0.35, linewidth=3)
+        at, lo, hi = (np.asarray(a)[alone] for a in (epochs, q10, q90))
+        ax.vlines(at, lo, hi, color=color, alpha=0.35, linewidth=3)
     if gaps or not finite.all():
         _note_not_finite(ax)
     return epochs * 3, values + q10 + q90
@@ -151,9 +201,16 @@ def _note_not_finite(ax: Axes) -> None:
 
 
 def plot_margin_curves(
-    records: Sequence[EpochRecord], names: list[str], path: Path, title: str, *, p: float | None = None
+    records: Sequence[EpochRecord],
+    names: list[str],
+    path: Path,
+    title: str,
+    *,
+    p: float | None = None,
+    x: XAxis = "epoch",
 ) -> Path:
-    """Rows: estimators; columns: min, mean, median margin vs epoch; train and test in each panel.
+    """Rows: estimators; columns: min, mean, median margin vs epoch (or log step, ``x``); train and test
+    in each panel.
 
     Each panel's y-range is fitted to the trained epochs (>= 1): the untrained model's margins are
     often far below the rest and would flatten the fall of the mean margin that the figure is about.
@@ -166,12 +223,12 @@ def plot_margin_curves(
         for j, stat in enumerate(stats):
             ax = axes[i, j]
             drawn = [
-                draw_series(ax, records, split, name, stat, label=split, **SPLIT_STYLE[split])
+                draw_series(ax, records, split, name, stat, x, label=split, **SPLIT_STYLE[split])
                 for split in SPLITS
             ]
             fit_ylim(ax, drawn)
             ax.set_title(f"{STAT_TITLES[stat]}: {name}")
-            ax.set_xlabel("epoch")
+            set_x_axis(ax, x)
             ax.set_ylabel(label)
             ax.axhline(0.0, color="0.5", linewidth=0.6)
             if any(drawn_epochs for drawn_epochs, _ in drawn):
@@ -239,8 +296,9 @@ def plot_histograms(
     return save(fig, path)
 
 
-def plot_loss_accuracy(records: Sequence[EpochRecord], path: Path, title: str) -> Path:
-    """Loss (left) and accuracy (right) vs epoch: the epoch's running training average and the subsets."""
+def plot_loss_accuracy(records: Sequence[EpochRecord], path: Path, title: str, x: XAxis = "epoch") -> Path:
+    """Loss (left) and accuracy (right) vs epoch (or log step, ``x``): the epoch's running training
+    average and the subsets."""
     fig, axes = new_figure(1, 2)
     ax_l, ax_a = np.asarray(axes).ravel()
     epoch_means: tuple[tuple[Literal["train_loss_epoch", "train_acc_epoch"], Axes, str | None], ...] = (
@@ -248,7 +306,7 @@ def plot_loss_accuracy(records: Sequence[EpochRecord], path: Path, title: str) -
         ("train_acc_epoch", ax_a, None),
     )
     for key, ax, label in epoch_means:
-        pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        pts = [(_x(r, x), r[key]) for r in records if r.get(key) is not None]
         if pts:
             ax.plot(
                 *zip(*pts, strict=True), color="0.3", linestyle="--", label=label or "train (epoch average)"
@@ -256,12 +314,12 @@ def plot_loss_accuracy(records: Sequence[EpochRecord], path: Path, title: str) -
     subset_values: tuple[tuple[Literal["loss", "acc"], Axes], ...] = (("loss", ax_l), ("acc", ax_a))
     for split in SPLITS:
         for stat, ax in subset_values:
-            pts = [(r["epoch"], v) for r in records if (v := _subset_value(r, split, stat)) is not None]
+            pts = [(_x(r, x), v) for r in records if (v := _subset_value(r, split, stat)) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), **SPLIT_STYLE[split], label=f"{split} (tracked subset)")
     ax_l.set_yscale("log")
     for ax, name in ((ax_l, "cross-entropy loss"), (ax_a, "accuracy")):
-        ax.set_xlabel("epoch")
+        set_x_axis(ax, x)
         ax.set_ylabel(name)
         ax.set_title(name)
         ax.legend()
@@ -274,3 +332,8 @@ def _subset_value(record: EpochRecord, split: Split, key: Literal["loss", "acc"]
     """``record[split][key]``, or ``None`` where the epoch was not tracked."""
     s = record.get(split)
     return s.get(key) if s is not None else None
+
+
+def _x(record: EpochRecord, x: XAxis) -> int:
+    """The record's epoch, or its optimizer step (``x="step"``; a record without one: its epoch)."""
+    return int(record.get("step", record["epoch"])) if x == "step" else int(record["epoch"])

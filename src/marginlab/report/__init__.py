@@ -16,6 +16,7 @@ not runs, or hold corrupt JSON, raise a one-line :class:`~marginlab.base.errors.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shutil
 from collections.abc import Sequence
@@ -23,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from marginlab.base.deprecated import moved_attribute
-from marginlab.base.errors import RunDirError
+from marginlab.base.errors import ConfigError, RunDirError
 from marginlab.base.fsio import atomic_write_bytes, atomic_write_text
 from marginlab.lab.names import REPORT_FIGURES, REPORT_HTML, REPORT_MD
 from marginlab.report.blocks import Block, Figure
 from marginlab.report.collect import RunInfo, load_runs
-from marginlab.report.document import build_document
+from marginlab.report.document import build_document, missing_figures_note
 from marginlab.report.render import render_html, render_markdown
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RunInfo", "default_out_dir", "load_runs", "write_report"]
 
@@ -49,12 +52,17 @@ def write_report(
     run_dirs: Sequence[str | Path], out_dir: str | Path | None = None, title: str | None = None
 ) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` about ``run_dirs`` into ``out_dir``; return both paths."""
+    if out_dir is not None and not str(out_dir).strip():  # Path("") is ".": never a silent default
+        raise ConfigError("the report's output directory is empty; name one (--out DIR)")
     runs = load_runs(run_dirs)
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
     if title is None:
         title = (
             f"marginlab report: {runs[0].label}" if len(runs) == 1 else f"marginlab report: {len(runs)} runs"
         )
+    for run in runs:
+        if run.missing_figures:  # said in the report too; one line here so that it is not overlooked
+            log.warning("%s", missing_figures_note(run))
     blocks = build_document(runs, title)
     try:
         html_text = render_html(blocks, title)  # reads every figure before anything is written

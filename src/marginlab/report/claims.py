@@ -16,11 +16,12 @@ A summary whose structure is not recognised (an older or newer experiment) still
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from marginlab.core.stats import ci_over_seeds
+from marginlab.experiments.logreg_gd import error_rises
 
 HOLDS, FAILS, NOT_COMPARED, STATED = "holds", "does not hold", "not compared", "as stated"
 SPLIT_NAMES = {"train": "Train set", "test": "Test set"}
@@ -35,11 +36,12 @@ class Claim:
     evidence: str = ""
 
 
-def claims_of(summary: dict[str, Any], kind: str) -> list[Claim]:
-    """The checked claims of one finished run (empty when the summary holds none)."""
+def claims_of(summary: dict[str, Any], kind: str, metrics: Sequence[Mapping[str, Any]] = ()) -> list[Claim]:
+    """The checked claims of one finished run (empty when the summary holds none); ``metrics`` (the
+    run's records, when at hand) let a failed check show where it failed."""
     reader = _READERS.get(kind)
     try:
-        claims = reader(summary) if reader is not None else []
+        claims = reader(summary, metrics) if reader is not None else []
     except (KeyError, TypeError, ValueError, StopIteration):
         claims = []  # a summary of another shape: fall back to its sentences
     if claims:
@@ -60,8 +62,27 @@ def num(value: object, fmt: str = ".4g") -> str:
     return "–" if not isinstance(value, int | float) or isinstance(value, bool) else format(value, fmt)
 
 
+def conjunction(checks: Sequence[Claim]) -> str:
+    """The verdict of a headline that claims every one of ``checks``: holds only when each holds, fails
+    when any fails, else not compared (a headline never holds over a check that does not)."""
+    verdicts = [c.verdict for c in checks if c.verdict != STATED]
+    if FAILS in verdicts:
+        return FAILS
+    return HOLDS if verdicts and all(v == HOLDS for v in verdicts) else NOT_COMPARED
+
+
+def headline(text: str, evidence: str, checks: Sequence[Claim]) -> Claim:
+    """A claim that stands for all of ``checks`` (listed under it): its verdict is their
+    :func:`conjunction`, and its evidence names the checks that do not hold."""
+    v = conjunction(checks)
+    failed = [c.text for c in checks if c.verdict == FAILS]
+    if failed:
+        evidence += f"; {len(failed)} of {len(checks)} do not hold: " + "; ".join(failed)
+    return Claim(v, text, evidence)
+
+
 # -- train (deep nets) ---------------------------------------------------------------------------------
-def _train(summary: dict[str, Any]) -> list[Claim]:
+def _train(summary: dict[str, Any], metrics: Sequence[Mapping[str, Any]]) -> list[Claim]:
     claims = []
     for name, entry in summary["margins"].items():
         kind = entry.get("kind", "kind unknown")
@@ -89,21 +110,14 @@ def _train(summary: dict[str, Any]) -> list[Claim]:
 
 
 # -- logreg-gd -----------------------------------------------------------------------------------------
-def _logreg(s: dict[str, Any]) -> list[Claim]:
+def _logreg(s: dict[str, Any], metrics: Sequence[Mapping[str, Any]]) -> list[Claim]:
     epochs = f"epochs {s['first_epoch']} → {s['last_epoch']}"
-    claims = [
-        Claim(
-            verdict(s["shows_tradeoff"]),
-            "Gradient descent shows the trade-off: on train and test the minimum margin rises, the mean "
-            "margin falls and (w, b) turns toward the SVM's direction",
-            f"{epochs}; every check below must hold",
-        )
-    ]
+    checks = []
     for split, label in SPLIT_NAMES.items():
         if f"{split}_min_margin_rises" not in s:
             continue
         where = f"{label}, exact L2 margin"
-        claims.append(
+        checks.append(
             Claim(
                 verdict(s[f"{split}_min_margin_rises"]),
                 f"{where}: the minimum margin rises toward the SVM's",
@@ -115,30 +129,59 @@ def _logreg(s: dict[str, Any]) -> list[Claim]:
         every = s.get(f"{split}_mean_margin_falls_every_record")
         if isinstance(every, bool):
             evidence += "; it falls at every record" if every else "; not at every record"
-        claims.append(
+        checks.append(
             Claim(verdict(s[f"{split}_mean_margin_falls"]), f"{where}: the mean margin falls", evidence)
         )
         if f"{split}_error_never_rises" in s:
-            claims.append(
+            checks.append(_error_claim(s, split, label, metrics))
+    for key, label in (
+        ("cos_svm", "classical SVM"),
+        ("cos_svm_reg", "bias-penalised SVM (GD's limit in direction)"),
+    ):
+        if f"{key}_first" in s:
+            first, last = s[f"{key}_first"], s[f"{key}_last"]
+            checks.append(
                 Claim(
-                    verdict(s[f"{split}_error_never_rises"]),
-                    f"{label}: the error never rises (the fall is no overfitting artefact)",
-                    f"{num(s[f'{split}_error_first'], '.2%')} → {num(s[f'{split}_error_last'], '.2%')}",
+                    verdict(last > first),
+                    f"(w, b) turns toward the {label}",
+                    f"cosine {num(first)} → {num(last)}",
                 )
             )
-    if "cos_svm_reg_first" in s:
-        claims.append(
-            Claim(
-                verdict(s["cos_svm_reg_last"] > s["cos_svm_reg_first"]),
-                "(w, b) turns toward the bias-penalised SVM (GD's limit in direction)",
-                f"cosine {num(s['cos_svm_reg_first'])} → {num(s['cos_svm_reg_last'])}",
+    # The headline claims every check listed under it: its verdict is their conjunction, never the
+    # summary's own flag alone (which leaves some of them out).
+    top = headline(
+        "Gradient descent shows the trade-off: on train and test the minimum margin rises, the mean "
+        "margin falls, the error never rises and (w, b) turns toward the SVMs' direction",
+        f"{epochs}; every check below must hold",
+        checks,
+    )
+    if s.get("shows_tradeoff") is False and top.verdict == HOLDS:  # a check the report does not list
+        top = replace(top, verdict=FAILS, evidence=f"{top.evidence}; the run's own check says it does not")
+    return [top, *checks]
+
+
+def _error_claim(s: dict[str, Any], split: str, label: str, metrics: Sequence[Mapping[str, Any]]) -> Claim:
+    """The claim that the error of ``split`` never rises, with its first and last error and, when it did
+    rise, where (from ``metrics``; the summary holds only first and last)."""
+    evidence = f"{num(s[f'{split}_error_first'], '.2%')} → {num(s[f'{split}_error_last'], '.2%')}"
+    held = s[f"{split}_error_never_rises"]
+    if held is False:
+        rises = error_rises(metrics, "train" if split == "train" else "test")  # the Literal error_rises takes
+        if rises:
+            shown = "; ".join(
+                f"epoch {e0} → {e1}: {num(a, '.2%')} → {num(b, '.2%')}" for e0, e1, a, b in rises[:3]
             )
-        )
-    return claims
+            more = f" (and {len(rises) - 3} more)" if len(rises) > 3 else ""
+            evidence += f"; it rose {len(rises)} time{'s' if len(rises) > 1 else ''}: {shown}{more}"
+        else:
+            evidence += "; it rose between two records (its metrics are not at hand to say where)"
+    return Claim(
+        verdict(held), f"{label}: the error never rises (the fall is no overfitting artefact)", evidence
+    )
 
 
 # -- compare -------------------------------------------------------------------------------------------
-def _compare(summary: dict[str, Any]) -> list[Claim]:
+def _compare(summary: dict[str, Any], metrics: Sequence[Mapping[str, Any]]) -> list[Claim]:
     claims = []
     for base, entry in summary["bases"].items():
         for recipe, v in (entry.get("vs_standard") or {}).items():
@@ -255,7 +298,7 @@ def _interval(d: dict[str, Any], fmt: str) -> str:
     return f"; {text} over {d['seeds']} seeds" if text else ""
 
 
-_READERS: dict[str, Callable[[dict[str, Any]], list[Claim]]] = {
+_READERS: dict[str, Callable[[dict[str, Any], Sequence[Mapping[str, Any]]], list[Claim]]] = {
     "train": _train,
     "logreg-gd": _logreg,
     "compare": _compare,

@@ -9,14 +9,14 @@ directory (written by ``marginlab sweep``) given in place of a run stands for al
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from marginlab.base.deprecated import moved_attribute
-from marginlab.base.errors import ConfigError, RunDirError
-from marginlab.lab.names import CONFIG
+from marginlab.base.errors import ConfigError, MarginlabError, RunDirError
+from marginlab.lab.names import CONFIG, FIGURES
 from marginlab.lab.readers import (
     figure_files,
     is_run_dir,
@@ -26,6 +26,17 @@ from marginlab.lab.readers import (
     read_sweep_runs,
     result_tables,
 )
+from marginlab.plots.compare import compare_figures
+from marginlab.plots.logreg import logreg_figures
+from marginlab.plots.training import training_figures
+
+# Per experiment kind: the figures its plot draws from the run's files (names under figures/), so that a
+# report can say which of them a finished run lacks on disk instead of silently showing fewer.
+EXPECTED_FIGURES: dict[str, Callable[[Path], list[str]]] = {
+    "train": training_figures,
+    "logreg-gd": logreg_figures,
+    "compare": compare_figures,
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +55,9 @@ class RunInfo:
     metrics: list[dict[str, Any]]
     figures: list[Path]  # every PNG under figures/, then those at the top of the run directory, sorted
     tables: list[Path]  # table.csv, else table.md, at the top of the run directory (or nothing)
+    # figures the run's files say its plot draws (names under figures/) that are not on disk; only for a
+    # finished run (an unfinished one draws its figures at the end)
+    missing_figures: tuple[str, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -88,7 +102,24 @@ def _load_run(path: Path, label: str) -> RunInfo:
     config = read_config(path)
     summary = read_summary_if_any(path)
     metrics = read_metrics(path)
-    return RunInfo(path, label, config, summary, metrics, figure_files(path), result_tables(path))
+    figures = figure_files(path)
+    missing = missing_figures(path, str(config.get("kind", "?")), figures) if summary is not None else ()
+    return RunInfo(path, label, config, summary, metrics, figures, result_tables(path), missing)
+
+
+def missing_figures(path: Path, kind: str, figures: Sequence[Path]) -> tuple[str, ...]:
+    """The figures (names under ``figures/``) that the experiment ``kind`` draws from the files of the run
+    in ``path`` but that are not among ``figures`` (empty for a kind whose figures are not known)."""
+    expected = EXPECTED_FIGURES.get(kind)
+    if expected is None:
+        return ()
+    try:
+        names = expected(path)
+    except (MarginlabError, KeyError, TypeError, ValueError):
+        # files that cannot be read, or a config of another shape: nothing is expected, nothing claimed
+        return ()
+    present = {f.relative_to(path / FIGURES).as_posix() for f in figures if f.is_relative_to(path / FIGURES)}
+    return tuple(name for name in names if name not in present)
 
 
 def unique_labels(paths: Sequence[Path]) -> list[str]:

@@ -106,13 +106,25 @@ def _findings(runs: Sequence[RunInfo], figures: dict[str, list[Figure]]) -> list
         if run.summary is None:
             blocks.append(Text(f"{run.label} is unfinished: no {SUMMARY} yet, so nothing is checked", True))
             continue
-        claims = claims_of(run.summary, run.kind)
+        claims = claims_of(run.summary, run.kind, run.metrics)
         if claims:
             blocks.append(Claims(claims))
         else:
             blocks.append(Text(f"{run.label}: its {SUMMARY} states no findings; see its summary below."))
+        if run.missing_figures:
+            blocks.append(Text(missing_figures_note(run), True))
         blocks += [replace(f, description=FINDINGS_FIGURES[f.path.name]) for f in figures.get(run.label, [])]
     return blocks
+
+
+def missing_figures_note(run: RunInfo) -> str:
+    """The sentence that says which figures a finished run lacks on disk and how to redraw them."""
+    names = ", ".join(f"{FIGURES}/{name}" for name in run.missing_figures)
+    n = len(run.missing_figures)
+    return (
+        f"{run.label}: {n} figure{'s' if n > 1 else ''} the run's files call for {'are' if n > 1 else 'is'} "
+        f"missing on disk: {names}; 'marginlab plot {run.path}' redraws them"
+    )
 
 
 # -- figures -------------------------------------------------------------------------------------------
@@ -141,10 +153,16 @@ def _figures(run: RunInfo) -> list[tuple[int, Figure]]:
 # -- the runs together ---------------------------------------------------------------------------------
 def _overview(runs: Sequence[RunInfo]) -> list[Block]:
     rows = [
-        [r.label, r.kind, "finished" if r.finished else "UNFINISHED", str(len(r.figures)), str(r.path)]
+        [r.label, r.kind, "finished" if r.finished else "UNFINISHED", _figure_count(r), str(r.path)]
         for r in runs
     ]
     return [Heading(2, "Runs"), Table(["run", "kind", "status", "figures", "directory"], rows)]
+
+
+def _figure_count(run: RunInfo) -> str:
+    """How many figures a run has, and how many it lacks (``3 (2 MISSING)``)."""
+    missing = f" ({len(run.missing_figures)} MISSING)" if run.missing_figures else ""
+    return f"{len(run.figures)}{missing}"
 
 
 def _comparison(runs: Sequence[RunInfo]) -> list[Block]:

@@ -100,6 +100,11 @@ class RobustnessSettings:
         self._check_certify()
         if self.aa_eps is not None:
             object.__setattr__(self, "aa_eps", tuple(float(e) for e in self.aa_eps))
+            if "autoattack" not in attacks:  # the radii of an attack that never runs: surely a mistake
+                raise ConfigError(
+                    f"AutoAttack radii (aa_eps) given, but autoattack is not among the attacks "
+                    f"({', '.join(attacks)})"
+                )
         if not (math.isfinite(self.tol) and 0 <= self.tol <= 1):
             raise ConfigError(f"tol must be a share in [0, 1], got {self.tol!r}")
         check_count("attack steps", self.steps)
@@ -115,6 +120,19 @@ class RobustnessSettings:
             raise ConfigError(f"unknown AutoAttack attack {bad[0]!r}; choose from: {', '.join(AA_ATTACKS)}")
         if self.aa_iters is not None:
             check_count("aa_iters", self.aa_iters)
+
+    def check_radii(self, eps: Sequence[float]) -> None:
+        """Refuse ``aa_eps`` radii that are not among the radii ``eps`` evaluated: AutoAttack runs only
+        at evaluated radii, so such a radius would silently never be attacked (one line naming it)."""
+        if self.aa_eps is None:
+            return
+        missing = [w for w in self.aa_eps if not any(math.isclose(w, e) for e in eps)]
+        if missing:
+            shown = ", ".join(f"{e:g}" for e in eps)
+            raise ConfigError(
+                f"AutoAttack radius (aa_eps) {missing[0]:g} is not among the radii evaluated (eps "
+                f"{shown}): AutoAttack runs only at those; give it among the eps too"
+            )
 
     def _check_bound(self) -> None:
         if isinstance(self.bound, str) and self.bound.lower() == "none":

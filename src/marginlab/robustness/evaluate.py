@@ -228,6 +228,7 @@ def robust_accuracy(
     else:
         s = dataclasses.replace(settings, **overrides) if overrides else settings
     eps_list = parse_eps(eps)
+    s.check_radii(eps_list)  # an aa_eps outside eps would silently never be attacked
     x, y = prepare_inputs(x, y)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x, y = x.to(device), y.to(device)

@@ -22,6 +22,7 @@ keeps saying ``running`` for those runs, and its workers die with it. Either way
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from collections.abc import Sequence
@@ -36,8 +37,10 @@ from marginlab.base.fsio import atomic_write_json, atomic_write_text, to_jsonabl
 from marginlab.base.tables import csv_text, format_cell, markdown_table, scalar_items, shared_keys
 from marginlab.experiments import config_record, plan_mode, run_or_resume
 from marginlab.lab.launchers import Launcher, LocalLauncher
-from marginlab.lab.names import SUMMARY, SWEEP_CSV, SWEEP_MANIFEST, SWEEP_MD
-from marginlab.lab.readers import read_summary_if_any
+from marginlab.lab.names import LOCK, SUMMARY, SWEEP_CSV, SWEEP_MANIFEST, SWEEP_MD
+from marginlab.lab.readers import is_run_dir, read_summary_if_any
+from marginlab.lab.runner import finished_with
+from marginlab.lab.runs import RunDir, check_out_path
 from marginlab.lab.stopping import SweepStopped, sigterm_stops_sweep, stop_signal
 from marginlab.lab.workers import Outcome, RunFn
 from marginlab.sweep.grid import SweepPoint, parse_grid, plan_sweep, run_name, split_values
@@ -118,13 +121,53 @@ def run_sweep(
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}")
     grid = dict(grid) if isinstance(grid, dict) else parse_grid(grid)
-    out = Path(out)
+    out = check_out_path(out)
+    if is_run_dir(out):
+        raise RunDirError(f"--out {out} is a run directory, not a sweep directory; choose another --out")
     records = [RunRecord(p) for p in plan_sweep(base, grid)]
-    for rec in records:
-        path = out / rec.point.name
-        rec.mode = _plan_mode(path, _expected_config(rec.point, validate))
-        if rec.mode == "skip":
-            _finish(rec, path, Outcome(None))
+    # Finished runs of the same config are skipped without importing the user's model code; every other
+    # config is validated (a typo fails the sweep now, before anything is written or run).
+    done = [validate and finished_with(r.point.config, out / r.point.name) for r in records]
+    pairs = zip(records, done, strict=True)
+    expected = [None if d else _expected_config(r.point, validate) for r, d in pairs]
+    # One sweep at a time in a directory: a second one (or a `run --out` there) is refused as "in use"
+    # before it writes anything, so its runs can never be recorded as failed for being in use. SLURM
+    # sweeps share the lock: the same command again attaches to the jobs (launch.json), by design.
+    launcher = launcher or LocalLauncher(jobs)
+    made = not out.exists()
+    lock = RunDir(out)
+    lock.lock("sweep directory", shared=not getattr(launcher, "exclusive", True))
+    try:
+        return _run_locked(out, base, grid, records, done, expected, keys, run_fn, launcher, made)
+    finally:
+        lock.unlock()
+
+
+def _run_locked(
+    out: Path,
+    base: dict[str, Any],
+    grid: dict[str, list[str]],
+    records: list[RunRecord],
+    done: list[bool],
+    expected: list[dict[str, Any] | None],
+    keys: Sequence[str] | None,
+    run_fn: RunFn | None,
+    launcher: Launcher,
+    made: bool,
+) -> SweepResult:
+    """:func:`run_sweep` once it holds the sweep directory's lock (``made``: it created ``out``)."""
+    try:
+        for rec, skip, config in zip(records, done, expected, strict=True):
+            path = out / rec.point.name
+            rec.mode = "skip" if skip or config is None else _plan_mode(path, config)
+            if rec.mode == "skip":
+                _finish(rec, path, Outcome(None))
+    except BaseException:
+        if made:  # nothing written yet: leave no directory holding only the lock behind
+            with contextlib.suppress(OSError):
+                (out / LOCK).unlink()
+                out.rmdir()
+        raise
     writer = _Writer(out, base, grid, records, keys)
     writer.write()
     todo = [r for r in records if r.mode != "skip"]
@@ -132,9 +175,7 @@ def run_sweep(
     try:
         with (
             sigterm_stops_sweep(),
-            closing(
-                (launcher or LocalLauncher(jobs)).execute(jobs_list, run_fn or default_run, out)
-            ) as events,
+            closing(launcher.execute(jobs_list, run_fn or default_run, out)) as events,
         ):
             for i, outcome in events:
                 if outcome is None:

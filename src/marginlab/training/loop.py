@@ -199,16 +199,25 @@ def check_finite(epoch: int, rec: EpochRecord, model: nn.Module) -> None:
     model mean nothing. Bounds from attacks are not checked: an infinite bound is legitimate (a min-norm
     attack that found no adversarial reports +inf for that point, and a mean over +inf and -inf is NaN)."""
     bad = next((name for name, v in _numbers(rec) if _diverged(name, v)), None)
+    nan_margin = None
     for split in SPLITS:
         split_rec = rec.get(split)
         for est, st in (split_rec.get("margins", {}) if split_rec is not None else {}).items():
-            if bad is None and st.get("kind") in ("estimate", "exact"):
+            if nan_margin is None and st.get("kind") in ("estimate", "exact"):
                 nan = [k for k, v in st.items() if isinstance(v, float) and math.isnan(v)]
-                bad = f"{split}.margins.{est}.{nan[0]}" if nan else None
+                nan_margin = f"{split}.margins.{est}.{nan[0]}" if nan else None
     if bad is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         bad = "the weights"
     if bad is not None:
         raise ConfigError(f"training diverged at epoch {epoch} ({bad} is not finite); lower train.lr")
+    if nan_margin is not None:
+        # loss and weights are finite, yet a margin is 0/0: the logits no longer depend on the input
+        # (e.g. every ReLU died), a collapse rather than a blow-up, and a lower lr is not the only cure
+        raise ConfigError(
+            f"training collapsed at epoch {epoch} ({nan_margin} is NaN with finite loss and weights: the "
+            "logits no longer depend on the input, e.g. every ReLU is dead); lower train.lr, set "
+            "train.grad_clip, or for certified training lengthen the eps warm-up"
+        )
 
 
 def _diverged(name: str, value: float) -> bool:
@@ -276,7 +285,7 @@ class _Loop:
                     self.step += -(-len(y) // self.cfg.batch_size)
                 rec["step"], rec["lr"] = self.step, self.lr
                 t1, c1 = time.perf_counter(), time.process_time()
-                bound_s = self.track(epoch, rec)
+                bound_s = self.track(epoch, rec, -(-len(y) // self.cfg.batch_size))
                 check_finite(epoch, rec, self.model)
                 # wall-clock times live under one key that reproducibility checks ignore; track_s
                 # includes bound_s, the tracked bound's share (tracking.bound), when it was measured
@@ -343,16 +352,18 @@ class _Loop:
         if names:
             rec["regularizers_epoch"] = {name: float(sums[3 + i]) for i, name in enumerate(names)}
 
-    def track(self, epoch: int, rec: EpochRecord) -> float:
-        """Measure margins into ``rec`` (and keep the per-point margins) when this epoch is tracked;
-        return the seconds the tracked bound took (0 if none was measured)."""
-        if self.tracker is None or not self.tracker.cfg.tracks(epoch, self.cfg.epochs):
+    def track(self, epoch: int, rec: EpochRecord, steps_per_epoch: int) -> float:
+        """Measure margins into ``rec`` (and keep the per-point margins) when this epoch is tracked (its
+        schedule may count optimizer steps: ``steps_per_epoch``); return the seconds the tracked bound took
+        (0 if none was measured)."""
+        last, spe = self.cfg.epochs, steps_per_epoch
+        if self.tracker is None or not self.tracker.cfg.tracks(epoch, last, spe):
             return 0.0
         cfg = self.tracker.cfg
-        meas = self.tracker.measure(self.model, epoch, bound=cfg.bounds(epoch, self.cfg.epochs))
+        meas = self.tracker.measure(self.model, epoch, bound=cfg.bounds(epoch, last, spe))
         for split, split_rec in meas.record.items():
             rec[split] = split_rec
-        if self.rd is not None and self.dist.is_main and self.tracker.cfg.saves(epoch, self.cfg.epochs):
+        if self.rd is not None and self.dist.is_main and cfg.saves(epoch, last, spe):
             save_points(self.rd.path, epoch, meas.points)
         return meas.bound_s
 

@@ -8,7 +8,7 @@ figures and the report. A JSON file holds ``null`` where a statistic was not fin
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Required, TypedDict, cast
+from typing import Any, Literal, NotRequired, Required, TypedDict, cast
 
 import torch
 
@@ -61,12 +61,17 @@ class BoundSummary(MarginSummary):
 
 class SplitRecord(TypedDict):
     """What one tracked epoch records per split: subset size ``n``, mean cross-entropy ``loss`` and
-    accuracy ``acc`` on the subset, and per estimator (and the tracked bound) its :class:`MarginSummary`."""
+    accuracy ``acc`` on the subset, and per estimator (and the tracked bound) its :class:`MarginSummary`;
+    the output-space margins ``logit_margin`` (z_y - max_{j != y} z_j per point, misclassified negative)
+    and ``normalised_margin`` (the same divided by the product of the layers' weight norms, the quantity
+    the implicit-bias theory of homogeneous nets predicts to grow), both as ``margin_stats``."""
 
     n: int
     loss: float
     acc: float
     margins: dict[str, MarginSummary]
+    logit_margin: NotRequired[dict[str, float]]
+    normalised_margin: NotRequired[dict[str, float]]
 
 
 class EpochRecord(TypedDict, total=False):

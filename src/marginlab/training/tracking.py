@@ -15,6 +15,7 @@ rank measures its contiguous shard of the subset and the shards are gathered on 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from marginlab.estimators import estimate_margins
 from marginlab.estimators.base import ESTIMATORS, MarginKind, validate_params
 from marginlab.lab.readers import margins_files, read_margins_file
 from marginlab.lab.runs import margins_file
+from marginlab.nets.models import linear_layers
 from marginlab.training.records import (
     BoundSummary,
     Split,
@@ -53,9 +55,13 @@ class TrackingConfig:
 
     ``n_train`` / ``n_test``: size of the fixed seeded subsets (``"all"`` = the whole split).
     ``p``: the attack norm (2 or "inf"); estimators use its dual for gradients.
-    ``every``: track every k-th epoch (epoch 0, 1 and the last are always tracked).
-    ``save_margins_every``: also keep per-point margins (``.npz``) every k-th tracked epoch
-    (0 = only at epochs 0, 1 and the last). ``params``: per-estimator options, ``{name: {key: value}}``.
+    ``every``: track every k-th epoch, or ``"log"``: track on a log-spaced grid of optimizer steps,
+    ``per_decade`` grid points per decade (steps 1, 1.26, 1.58, ..., 10, 12.6, ... for 10): an epoch is
+    tracked when its steps reach a new grid point, so a 20,000-step run is tracked ~45 times, densely
+    while the margins move fast and sparsely in the slow late phase (epoch 0, 1 and the last are always
+    tracked). ``save_margins_every``: also keep per-point margins (``.npz``) every k-th tracked epoch
+    (``"log"``: every k-th grid point; 0 = only at epochs 0, 1 and the last); ``bound_every`` likewise.
+    ``params``: per-estimator options, ``{name: {key: value}}``.
     ``bound``: a certified or min-norm *bound* tracked beside the estimates (e.g. ``"ddn"`` or ``"best"``,
     upper bounds; ``"crown"``, a lower bound), so that a claim about the margins rests on a bound and not
     only on an estimate; it runs on the first ``bound_n`` points of each subset, every ``bound_every``-th
@@ -67,7 +73,8 @@ class TrackingConfig:
     n_train: int | Literal["all"] = 1000
     n_test: int | Literal["all"] = 1000
     p: float | str = 2.0
-    every: int = 1
+    every: int | Literal["log"] = 1
+    per_decade: int = 10
     save_margins_every: int = 1
     batch_size: int = 500
     params: dict[str, Any] = field(default_factory=dict)
@@ -89,7 +96,13 @@ class TrackingConfig:
         for key in ("n_train", "n_test"):
             n = getattr(self, key)
             require(n == "all" or (isinstance(n, int) and n > 0), f'tracking.{key} must be > 0 or "all"')
-        check_positive("tracking.every", self.every)
+        require(
+            self.every == "log" or (isinstance(self.every, int) and not isinstance(self.every, bool)),
+            f'tracking.every must be a positive integer or "log", got {self.every!r}',
+        )
+        if self.every != "log":
+            check_positive("tracking.every", self.every)
+        check_positive("tracking.per_decade", self.per_decade)
         check_positive("tracking.save_margins_every", self.save_margins_every, allow_zero=True)
         check_positive("tracking.batch_size", self.batch_size)
         self._check_bound()
@@ -118,18 +131,46 @@ class TrackingConfig:
         """The order of :attr:`norm`: 2.0 or ``math.inf``."""
         return self.norm.p
 
-    def tracks(self, epoch: int, last: int) -> bool:
-        """Whether ``epoch`` is tracked (of a run whose last epoch is ``last``)."""
-        return epoch in (0, 1, last) or epoch % self.every == 0
+    def tracks(self, epoch: int, last: int, steps_per_epoch: int = 1) -> bool:
+        """Whether ``epoch`` is tracked (of a run whose last epoch is ``last`` and whose epochs take
+        ``steps_per_epoch`` optimizer steps each)."""
+        return epoch in (0, 1, last) or self._every(epoch, 1, steps_per_epoch)
 
-    def bounds(self, epoch: int, last: int) -> bool:
+    def bounds(self, epoch: int, last: int, steps_per_epoch: int = 1) -> bool:
         """Whether the bound is measured at ``epoch`` (a tracked epoch)."""
-        return self.bound is not None and (epoch in (0, 1, last) or epoch % self.bound_every == 0)
+        if self.bound is None:
+            return False
+        return epoch in (0, 1, last) or self._every(
+            epoch, self.bound_every, steps_per_epoch, of_tracked=False
+        )
 
-    def saves(self, epoch: int, last: int) -> bool:
+    def saves(self, epoch: int, last: int, steps_per_epoch: int = 1) -> bool:
         """Whether the per-point margins of tracked ``epoch`` are kept as ``.npz``."""
         k = self.save_margins_every
-        return epoch in (0, 1, last) or (k > 0 and epoch % (k * self.every) == 0)
+        return epoch in (0, 1, last) or (k > 0 and self._every(epoch, k, steps_per_epoch))
+
+    def _every(self, epoch: int, k: int, steps_per_epoch: int, *, of_tracked: bool = True) -> bool:
+        """Whether ``epoch`` is the k-th of the schedule's points: every ``k * every``-th epoch (or every
+        ``k``-th epoch, ``of_tracked=False``: the bound's own period), or, on the log grid, whether the
+        epoch's steps reach a grid point whose index is a multiple of ``k``."""
+        if self.every == "log":
+            hi, lo = epoch * steps_per_epoch, (epoch - 1) * steps_per_epoch
+            return log_grid_index(hi, self.per_decade) // k > log_grid_index(lo, self.per_decade) // k
+        return epoch % (k * self.every if of_tracked else k) == 0
+
+
+def log_grid_index(step: int, per_decade: int) -> int:
+    """How many points of the log grid ``10 ** (j / per_decade)``, ``j = 0, 1, ...`` are ``<= step``
+    (0 for step 0). Exact at the grid's integer points (10, 100, ...), where a float log10 may round
+    either way."""
+    if step < 1:
+        return 0
+    j = math.floor(per_decade * math.log10(step))
+    while 10 ** ((j + 1) / per_decade) <= step:
+        j += 1
+    while j >= 0 and 10 ** (j / per_decade) > step:
+        j -= 1
+    return j + 1
 
 
 def fixed_subset(n_total: int, n: int | str | None, seed: int) -> torch.Tensor:
@@ -209,7 +250,7 @@ class MarginTracker:
         n = len(y)
         start, stop = self.dist.shard(n)
         xs, ys = x[start:stop].to(self.device), y[start:stop].to(self.device)
-        loss, correct = self._loss_correct(model, xs, ys)
+        loss, correct, gap = self._loss_correct(model, xs, ys)
         if stop > start:
             results = estimate_margins(
                 model, xs, ys, list(self.cfg.estimators), p=self.cfg.p_value,
@@ -220,6 +261,7 @@ class MarginTracker:
             margins = {name: xs.new_zeros(0) for name in self.cfg.estimators}
         loss = self.dist.all_gather_shards(loss.double(), n).cpu()
         correct = self.dist.all_gather_shards(correct, n).cpu()
+        gap = self.dist.all_gather_shards(gap.double(), n).cpu()
         # estimators return CPU tensors; NCCL gathers only device tensors
         dev = self.device
         full = {
@@ -230,6 +272,8 @@ class MarginTracker:
             "loss": float(loss.mean()),
             "acc": float(correct.double().mean()),
             "margins": {k: margin_summary(self.kinds[k], v) for k, v in full.items()},
+            "logit_margin": margin_stats(gap),
+            "normalised_margin": margin_stats(gap / weight_norm_product(model)),
         }
         arrays = {k: v.float().numpy() for k, v in full.items()}
         arrays["y"] = y.numpy()
@@ -262,16 +306,34 @@ class MarginTracker:
     @torch.no_grad()
     def _loss_correct(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-point cross-entropy ``[n]`` and correctness ``[n]`` (int64) on this rank's shard."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-point cross-entropy ``[n]``, correctness ``[n]`` (int64) and logit margin ``[n]``
+        (:func:`logit_margin`) on this rank's shard."""
         if len(y) == 0:
-            return x.new_zeros(0), y.new_zeros(0)
+            return x.new_zeros(0), y.new_zeros(0), x.new_zeros(0)
         bs = self.cfg.batch_size
         logits = predict_logits(model, x, bs)
         # the loss batch by batch, on the batches the logits came from
         pairs = zip(logits.split(bs), y.split(bs), strict=True)
         losses = [F.cross_entropy(lb, yb, reduction="none") for lb, yb in pairs]
-        return torch.cat(losses), (logits.argmax(1) == y).long()
+        return torch.cat(losses), (logits.argmax(1) == y).long(), logit_margin(logits, y)
+
+
+def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``z_y - max_{j != y} z_j`` per point, ``[n]``, from logits ``[n, K]`` and labels ``[n]``: the
+    output-space margin (negative on a misclassified point)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], -math.inf)
+    return true - others.amax(1)
+
+
+@torch.no_grad()
+def weight_norm_product(model: nn.Module) -> float:
+    """prod_l ||W_l||_F over every Linear and Conv2d weight of ``model`` (head included): the scale by
+    which the normalised margin of Lyu & Li (2020) divides the output margin. For a net without biases
+    whose activations are positively homogeneous (ReLU) the network is L-homogeneous in its weights, so
+    this product makes the margin scale-free; with biases it is the customary proxy."""
+    return math.prod(float(w.detach().double().norm()) for w in linear_layers(model))
 
 
 def save_points(run_dir: str | Path, epoch: int, points: dict[str, dict[str, np.ndarray]]) -> Path:
