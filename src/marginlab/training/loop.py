@@ -276,16 +276,17 @@ class _Loop:
         # epoch 0 (the untrained model's margins) is measured but is not a training epoch: not counted
         done = max(self.epoch, 0)
         bar = tqdm(total=self.cfg.epochs, initial=done, desc="epochs", unit="ep", disable=hide)
+        steps_per_epoch = -(-len(y) // self.cfg.batch_size)  # the last batch may be short
         try:
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
                 t0, c0 = time.perf_counter(), time.process_time()
                 rec: EpochRecord = {"epoch": epoch}
                 if epoch > 0:
                     self.train_epoch(net, x, y, hide, rec)
-                    self.step += -(-len(y) // self.cfg.batch_size)
+                    self.step += steps_per_epoch
                 rec["step"], rec["lr"] = self.step, self.lr
                 t1, c1 = time.perf_counter(), time.process_time()
-                bound_s = self.track(epoch, rec, -(-len(y) // self.cfg.batch_size))
+                bound_s = self.track(epoch, rec, steps_per_epoch)
                 check_finite(epoch, rec, self.model)
                 # wall-clock times live under one key that reproducibility checks ignore; track_s
                 # includes bound_s, the tracked bound's share (tracking.bound), when it was measured
