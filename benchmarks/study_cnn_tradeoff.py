@@ -13,6 +13,10 @@ runs track (the first-order estimate, a tracked min-norm bound such as ``ddn``, 
   (marginlab.core.stats.paired_ci), and one sentence: does the mean margin fall after interpolation,
   from which step, by how much;
 - the same for the minimum margin (which the theory says keeps rising);
+- over the whole run (interpolation aside): the mean margin's highest point at any tracked step, its
+  fall from there to the end and the minimum margin's change over the same span, the poster's
+  trade-off shape. The peak is chosen after the fact, so last - peak leans toward a fall: read it
+  beside ``--from-step N``, a comparison fixed in advance (last - the value at step N);
 - tracking's share of the run's time.
 
 With ``--figure PATH`` it draws the mean and min margin (train and test, every seed) against the
@@ -88,6 +92,51 @@ def seed_figures(records: list[dict[str, Any]], split: str, name: str, stat: str
     }
 
 
+def whole_run(
+    records: list[dict[str, Any]], split: str, name: str, from_step: int | None
+) -> dict[str, float]:
+    """The mean margin's peak over every tracked step, the end, and the min margin at both (one run)."""
+    steps, means = curve(records, split, name, "mean")
+    mins = dict(zip(*curve(records, split, name, "min"), strict=True))
+    acc = {int(r["step"]): float(r["train"]["acc"]) for r in records if r.get("train")}
+    peak = int(np.argmax(means))
+    out = {
+        "peak_step": steps[peak],
+        "peak_acc": acc[steps[peak]],
+        "mean_peak": means[peak],
+        "mean_last": means[-1],
+        "min_peak": mins[steps[peak]],
+        "min_last": mins[steps[-1]],
+    }
+    if from_step is not None:  # the tracked step nearest the one asked for
+        i = min(range(len(steps)), key=lambda k: abs(steps[k] - from_step))
+        out.update(fixed_step=steps[i], mean_fixed=means[i], min_fixed=mins[steps[i]])
+    return out
+
+
+def _ci(d: dict[str, Any]) -> str:
+    lo_hi = f"[{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}]" if d["ci"] else "(one seed: no interval)"
+    return f"{d['diff']:+.3g} {lo_hi}"
+
+
+def describe_whole(label: str, per_seed: list[dict[str, float]]) -> str:
+    """The sentence for the whole run: the mean's fall from its peak and the min's change meanwhile."""
+    fall = paired_ci([s["mean_peak"] for s in per_seed], [s["mean_last"] for s in per_seed])
+    rise = paired_ci([s["min_peak"] for s in per_seed], [s["min_last"] for s in per_seed])
+    steps = [int(s["peak_step"]) for s in per_seed]
+    accs = [f"{s['peak_acc']:.0%}" for s in per_seed]
+    text = (
+        f"{label}, whole run: mean margin peaks at steps {steps} (train-subset accuracy {accs}); "
+        f"last - peak {_ci(fall)} (peak chosen after the fact), min margin over the same span {_ci(rise)}"
+    )
+    if "fixed_step" in per_seed[0]:
+        fixed = paired_ci([s["mean_fixed"] for s in per_seed], [s["mean_last"] for s in per_seed])
+        fixed_min = paired_ci([s["min_fixed"] for s in per_seed], [s["min_last"] for s in per_seed])
+        at = sorted({int(s["fixed_step"]) for s in per_seed})
+        text += f"; from step {at} to the end: mean {_ci(fixed)}, min {_ci(fixed_min)}"
+    return text
+
+
 def describe(label: str, per_seed: list[dict[str, float]], stat: str) -> str:
     """The sentence for one setting, split, margin and statistic, with the intervals over seeds."""
     last = [s["last"] for s in per_seed]
@@ -137,6 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", action="append", required=True, help="NAME=DIR[,DIR...] (one dir per seed)")
     ap.add_argument("--figure", type=Path, help="draw the curves into this PNG")
+    ap.add_argument("--from-step", type=int, help="also compare the end with this step, fixed in advance")
     args = ap.parse_args()
     settings: dict[str, list[list[dict[str, Any]]]] = {}
     for spec in args.setting:
@@ -155,6 +205,8 @@ def main() -> None:
                     per_seed = [f for r in runs if (f := seed_figures(r, split, name, stat)) is not None]
                     if per_seed:
                         print("- " + describe(f"{name} {split}", per_seed, stat))
+                whole = [whole_run(r, split, name, args.from_step) for r in runs]
+                print("- " + describe_whole(f"{name} {split}", whole))
     if args.figure:
         draw(settings, args.figure)
 

@@ -6,6 +6,7 @@ the memory budget against brute-force references; linear models recover the clos
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
@@ -161,8 +162,13 @@ def test_the_l2_minimum_in_the_box_is_exact() -> None:
                 options = {"ftol": 1e-13, "maxiter": 300}
                 ref = minimize(lambda z, av=av: av @ z, xv, jac=lambda z, av=av: av, bounds=[(0, 1)] * 12,
                                constraints=[ball], method="SLSQP", options=options)  # fmt: skip
-                assert float(got[i, s]) <= ref.fun + 1e-9  # a lower bound (weak duality)
-                assert float(got[i, s]) >= ref.fun - 1e-6  # and the minimum itself
+                # SLSQP may stop a hair outside the ball (by ~1e-9); pulled back onto the box and
+                # toward x0 into the ball, its point is feasible, so its value bounds the minimum above
+                z = np.clip(ref.x, 0.0, 1.0)
+                z = xv + (z - xv) * min(1.0, eps / max(float(np.linalg.norm(z - xv)), 1e-300))
+                feasible = float(av @ z)
+                assert float(got[i, s]) <= feasible + 1e-12  # a lower bound (weak duality)
+                assert float(got[i, s]) >= feasible - 1e-6  # and the minimum itself
 
 
 def test_a_small_budget_gives_the_same_bounds_in_chunks_and_a_tiny_one_falls_back_to_intervals(

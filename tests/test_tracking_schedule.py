@@ -108,3 +108,37 @@ def test_training_run_on_the_log_grid(tmp_path) -> None:
             lm, nm = r[split]["logit_margin"], r[split]["normalised_margin"]
             assert lm["min"] <= lm["mean"] <= lm["max"] and (lm["mean"] > 0) == (nm["mean"] > 0)
     assert (run / "figures" / "margins.png").stat().st_size > 0
+
+
+def test_tracking_never_changes_training(tmp_path) -> None:
+    """What is tracked, and when, leaves the trained weights bit for bit the same: a run tracked every
+    epoch with a random estimator and a bound, one tracked on a sparse log grid, and one on a denser grid
+    end with equal weights (dropout makes training draw from the global RNG that estimators also use)."""
+    from marginlab.experiments import run_experiment
+    from marginlab.lab.names import METRICS, WEIGHTS
+
+    small_cnn = 'name = "cnn"\noptions = { channels = [4], fc = [16], pool_every = 1, dropout = 0.3 }'
+    mlp = 'name = "mlp"\noptions = { widths = [16] }'
+    base = tiny_train_toml(epochs=6, n_train=96).replace(mlp, small_cnn)
+    assert "dropout" in base
+    variants = {
+        "every": (
+            'estimators = ["first-order", "sampling"]\n'
+            "params = { sampling = { n_batches = 2, n_samples = 16 } }\n"
+            'bound = "ddn"\nbound_every = 1\nbound_n = 8\n'
+        ),
+        "sparse": 'every = "log"\nper_decade = 1\n',
+        "dense": 'every = "log"\nper_decade = 2\n',
+    }
+    weights = {}
+    for name, extra in variants.items():
+        text = base.replace('estimators = ["first-order"]\n', "") + extra
+        run = run_experiment(load_config(write_text(tmp_path / f"{name}.toml", text)), tmp_path / name)
+        weights[name] = torch.load(run / WEIGHTS, weights_only=True)
+    tracked = {
+        n: sum("train" in json.loads(line) for line in (tmp_path / n / METRICS).open()) for n in variants
+    }
+    assert tracked == {"every": 7, "dense": 5, "sparse": 4}  # the schedules really differ
+    for name in ("sparse", "dense"):
+        assert weights[name].keys() == weights["every"].keys()
+        assert all(torch.equal(weights[name][k], weights["every"][k]) for k in weights["every"])

@@ -67,7 +67,9 @@ class ExactLinear(Estimator):
     def _estimate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
         params = linear_parameters(model)
         assert params is not None  # checked in _prepare
-        weight, bias = params
+        # in float64 whatever the model's dtype: "exact" must not carry float32 rounding (a float32
+        # distance can sit ~1e-6 relative above the true one, above a sound certified bound)
+        weight, bias, flat = params[0].double(), params[1].double(), x.flatten(1).double()
         if self.domain == "box":
-            return linear_margins_box(weight, bias, x.flatten(1), y, p=p, signed=True)
-        return linear_margins(weight, bias, x.flatten(1), y, p=p, signed=True)
+            return linear_margins_box(weight, bias, flat, y, p=p, signed=True)
+        return linear_margins(weight, bias, flat, y, p=p, signed=True)
