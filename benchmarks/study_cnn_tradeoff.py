@@ -148,19 +148,15 @@ def describe(label: str, per_seed: list[dict[str, float]], stat: str) -> str:
     falls = vs_peak["beyond_noise"] and (vs_peak["diff"] or 0) < 0
     below_interp = vs_interp["beyond_noise"] and (vs_interp["diff"] or 0) < 0
 
-    def ci(d: dict[str, Any]) -> str:
-        lo_hi = f"[{d['ci'][0]:+.3g}, {d['ci'][1]:+.3g}]" if d["ci"] else "(one seed: no interval)"
-        return f"{d['diff']:+.3g} {lo_hi}"
-
     verdict = (
-        f"FALLS after its peak (steps {peak_steps}) by {ci(vs_peak)} by step {end}"
+        f"FALLS after its peak (steps {peak_steps}) by {_ci(vs_peak)} by step {end}"
         if falls
-        else f"does not fall beyond noise after its peak (last - peak {ci(vs_peak)}, peaks {peak_steps})"
+        else f"does not fall beyond noise after its peak (last - peak {_ci(vs_peak)}, peaks {peak_steps})"
     )
     return (
-        f"{label}: {stat} margin {verdict}; last - at interpolation {ci(vs_interp)}"
+        f"{label}: {stat} margin {verdict}; last - at interpolation {_ci(vs_interp)}"
         + (" (below its value at interpolation)" if below_interp else "")
-        + f"; over the last decade of steps {ci(vs_decade)}"
+        + f"; over the last decade of steps {_ci(vs_decade)}"
         + f"; {len(per_seed)} seeds"
     )
 

@@ -7,7 +7,6 @@ logit margin against a per-point loop, and the normalised margin against the hom
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -17,6 +16,9 @@ from torch import nn
 from conftest import tiny_train_toml, write_text
 from marginlab.base.config import load_config
 from marginlab.base.errors import ConfigError
+from marginlab.experiments import run_experiment
+from marginlab.lab.names import WEIGHTS
+from marginlab.lab.readers import read_metrics
 from marginlab.training.tracking import (
     TrackingConfig,
     log_grid_index,
@@ -95,11 +97,9 @@ def test_normalised_margin_is_scale_free_for_a_homogeneous_net() -> None:
 def test_training_run_on_the_log_grid(tmp_path) -> None:
     """A run tracked on the log grid records its tracked epochs' steps and output margins, and draws its
     curves on a log step axis."""
-    from marginlab.experiments import run_experiment
-
     text = tiny_train_toml(epochs=12, n_train=128) + 'every = "log"\nper_decade = 4\n'
     run = run_experiment(load_config(write_text(tmp_path / "c.toml", text)), tmp_path / "run")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     tracked = [r for r in records if "train" in r]
     assert len(records) == 13 and [r["epoch"] for r in tracked] == [0, 1, 2, 3, 5, 8, 12]
     assert [r["step"] for r in tracked] == [0, 4, 8, 12, 20, 32, 48]  # grid 3.2, 5.6, 10, 18, 32
@@ -114,9 +114,6 @@ def test_tracking_never_changes_training(tmp_path) -> None:
     """What is tracked, and when, leaves the trained weights bit for bit the same: a run tracked every
     epoch with a random estimator and a bound, one tracked on a sparse log grid, and one on a denser grid
     end with equal weights (dropout makes training draw from the global RNG that estimators also use)."""
-    from marginlab.experiments import run_experiment
-    from marginlab.lab.names import METRICS, WEIGHTS
-
     small_cnn = 'name = "cnn"\noptions = { channels = [4], fc = [16], pool_every = 1, dropout = 0.3 }'
     mlp = 'name = "mlp"\noptions = { widths = [16] }'
     base = tiny_train_toml(epochs=6, n_train=96).replace(mlp, small_cnn)
@@ -130,14 +127,12 @@ def test_tracking_never_changes_training(tmp_path) -> None:
         "sparse": 'every = "log"\nper_decade = 1\n',
         "dense": 'every = "log"\nper_decade = 2\n',
     }
-    weights = {}
+    weights, tracked = {}, {}
     for name, extra in variants.items():
         text = base.replace('estimators = ["first-order"]\n', "") + extra
         run = run_experiment(load_config(write_text(tmp_path / f"{name}.toml", text)), tmp_path / name)
         weights[name] = torch.load(run / WEIGHTS, weights_only=True)
-    tracked = {
-        n: sum("train" in json.loads(line) for line in (tmp_path / n / METRICS).open()) for n in variants
-    }
+        tracked[name] = sum("train" in r for r in read_metrics(run))
     assert tracked == {"every": 7, "dense": 5, "sparse": 4}  # the schedules really differ
     for name in ("sparse", "dense"):
         assert weights[name].keys() == weights["every"].keys()
