@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tomllib
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import (
@@ -202,6 +205,31 @@ def test_an_interrupted_atomic_write_leaves_no_temporary_file(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         fsio.atomic_write_text(tmp_path / "summary.json", "{}")
     monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # zipfile's __del__
+def test_an_interrupt_inside_a_writers_clean_up_stays_an_interrupt(tmp_path, monkeypatch) -> None:
+    """A Ctrl-C that lands as ``np.savez_compressed`` closes a zip member comes out of numpy as
+    ``ValueError: Can't close the ZIP file...`` (its clean-up fails on the half-closed member); the
+    atomic write re-raises the interrupt itself, so the run stops as interrupted, with no file left."""
+    signum = KeyboardInterrupt("SIGTERM")
+    real_close = zipfile._ZipWriteFile.close
+    calls: list[int] = []
+
+    def interrupted_close(self: zipfile._ZipWriteFile) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the signal arrives as the first member is closed
+            raise signum
+        real_close(self)
+
+    monkeypatch.setattr(zipfile._ZipWriteFile, "close", interrupted_close)
+    with pytest.raises(ValueError, match="ZIP"):  # numpy alone turns the interrupt into its own error
+        np.savez_compressed(io.BytesIO(), a=np.arange(10.0))
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        fsio.atomic_write_with(tmp_path / "m.npz", lambda f: np.savez_compressed(f, a=np.arange(10.0)))
+    assert caught.value is signum  # the very interrupt, with what it carries (e.g. the signal number)
     assert list(tmp_path.iterdir()) == []
 
 

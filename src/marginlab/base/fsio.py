@@ -72,8 +72,25 @@ def _atomic_file(path: Path, mode: str) -> Iterator[IO[Any]]:
                 tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and is_disk_error(e):
             raise disk_error(path, e) from None
+        interrupt = None if isinstance(e, KeyboardInterrupt) else _interrupt_behind(e)
+        if interrupt is not None:  # a library's clean-up failed on the way out of a Ctrl-C / SIGTERM
+            raise interrupt from None
         raise
     _fsync_dir(path.parent)
+
+
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt that ``e`` was raised while handling, if any (``e`` itself excluded). A signal that
+    lands inside a writer's clean-up code (``np.savez``'s zip file, say) comes out as that code's own
+    error, e.g. ``ValueError: Can't close the ZIP file``; the interrupt is what really happened."""
+    seen: set[int] = set()
+    ctx = e.__context__
+    while ctx is not None and id(ctx) not in seen:
+        if isinstance(ctx, KeyboardInterrupt):
+            return ctx
+        seen.add(id(ctx))
+        ctx = ctx.__context__
+    return None
 
 
 def _temp_name(path: Path) -> Path:
