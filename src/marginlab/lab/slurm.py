@@ -252,9 +252,10 @@ class _Waiter:
     ) -> Generator[Event, None, None]:
         path = self.todo[i][1]
         word = slurm_state_word(queue.get(job.job_id)) if queue is not None else None
-        if job.paths.result_pickle.exists():
-            outcome = task_outcome(job)
-        elif word == "queued":
+        # The queue first: a job that is queued or running again was requeued, and a result file beside
+        # it is that of an earlier attempt (a preempted task can return a spurious error, e.g. when the
+        # SIGTERM of its own requeue kills submitit's `scontrol requeue`); only the last attempt counts.
+        if word == "queued":
             self.state.update(path, status="queued")
             self.gone.pop(i, None)
             return
@@ -266,6 +267,8 @@ class _Waiter:
                 log.info("SLURM job %s started run %s", job.job_id, path)
                 yield i, None
             return
+        elif job.paths.result_pickle.exists():
+            outcome = task_outcome(job)
         elif queue is None or time.monotonic() - self.gone.setdefault(i, time.monotonic()) < _RESULT_GRACE_S:
             return
         else:
